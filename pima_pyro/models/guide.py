@@ -1,0 +1,64 @@
+r"""The amortised guide: a product of Gaussian experts over the latent (DESIGN section 2).
+
+.. math::
+
+    q(z \mid x_S) = \mathcal N(\mu, \sigma^2), \quad
+    \sigma^{-2} = [1] + \sum_{m \in S} \sigma_m^{-2}, \quad
+    \mu\sigma^{-2} = \sum_{m \in S} \mu_m \sigma_m^{-2}
+
+with :math:`S` the modalities the guide is told to encode for each sample
+(``batch.encode``; by default every observed modality) and the bracketed 1 the optional
+:math:`\mathcal N(0, I)` prior expert. Only ``z`` is sampled (reparameterised); ``c`` is left to
+enumeration in the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import pyro
+import pyro.distributions as dist
+import torch
+
+from pima_pyro.data import Batch
+from pima_pyro.models.module import PIMAModule
+from pima_pyro.models.poe import poe_posterior
+
+
+def encode(
+    net: PIMAModule,
+    values: Mapping[str, torch.Tensor],
+    masks: Mapping[str, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PoE posterior ``(loc, log_var)`` (N, D) from the modalities flagged in ``masks``.
+
+    A modality missing from ``values`` is treated as unobserved for every sample.
+    """
+    locs, log_vars, present = [], [], []
+    reference = next(iter(values.values()))
+    num_samples = reference.shape[0]
+    for name in net.modality_names:
+        if name not in values:
+            continue
+        loc, log_var = net.modalities[name].encoder(values[name])
+        locs.append(loc)
+        log_vars.append(log_var)
+        mask = masks.get(name)
+        if mask is None:
+            mask = torch.ones(num_samples, dtype=torch.bool, device=reference.device)
+        present.append(mask)
+    if not locs:
+        zeros = torch.zeros(num_samples, net.latent_dim, device=reference.device)
+        return zeros, zeros
+    return poe_posterior(
+        torch.stack(locs), torch.stack(log_vars), torch.stack(present), net.prior_expert
+    )
+
+
+def guide(net: PIMAModule, batch: Batch) -> None:
+    """Sample ``z`` from the PoE of the modalities in ``batch.encode`` (default: observed)."""
+    pyro.module("pima", net)
+    masks = batch.encode if batch.encode is not None else batch.observed
+    loc, log_var = encode(net, batch.values, masks)
+    with pyro.plate("data", size=batch.n_total, subsample=batch.indices):
+        pyro.sample("z", dist.Normal(loc, torch.exp(0.5 * log_var)).to_event(1))

@@ -1,0 +1,68 @@
+r"""Gaussian-mixture prior on the latent.
+
+.. math::
+
+    c \sim \mathrm{Categorical}(\pi), \qquad z \mid c \sim \mathcal N(\mu_c, \operatorname{diag}\sigma_c^2)
+
+Parameters are kept unconstrained (``logits`` for :math:`\pi`, softplus for :math:`\sigma_c`
+above the floor ``SCALE_MIN``) so that Adam can move them freely.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+#: Floor on each mixture component's standard deviation.
+SCALE_MIN: float = 1e-2
+
+
+def _inverse_softplus(x: torch.Tensor) -> torch.Tensor:
+    return x + torch.log(-torch.expm1(-x))
+
+
+class GaussianMixturePrior(nn.Module):
+    """K components in D dimensions with learnable weights, means and diagonal scales."""
+
+    def __init__(self, n_clusters: int, latent_dim: int) -> None:
+        super().__init__()
+        self.n_clusters = n_clusters
+        self.latent_dim = latent_dim
+        self.logits = nn.Parameter(torch.zeros(n_clusters))
+        # spread the means so that the first E-step is not symmetric
+        self.loc = nn.Parameter(torch.randn(n_clusters, latent_dim))
+        self.unconstrained_scale = nn.Parameter(
+            _inverse_softplus(torch.full((n_clusters, latent_dim), 1.0 - SCALE_MIN))
+        )
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """Mixture weights :math:`\\pi` (K,)."""
+        return torch.softmax(self.logits, -1)
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """Component standard deviations :math:`\\sigma_c` (K, D)."""
+        return nn.functional.softplus(self.unconstrained_scale) + SCALE_MIN
+
+    @torch.no_grad()
+    def set_parameters(
+        self, weights: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor
+    ) -> None:
+        """Overwrite :math:`\\pi, \\mu, \\sigma` (e.g. from an EM or GMM initialisation)."""
+        p = self.logits
+        weights = torch.as_tensor(weights, dtype=p.dtype, device=p.device).clamp_min(1e-6)
+        self.logits.copy_(torch.log(weights / weights.sum()))
+        self.loc.copy_(torch.as_tensor(loc, dtype=p.dtype, device=p.device))
+        scale = torch.as_tensor(scale, dtype=p.dtype, device=p.device)
+        self.unconstrained_scale.copy_(_inverse_softplus((scale - SCALE_MIN).clamp_min(1e-4)))
+
+    def component_log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        r""":math:`\log \pi_c + \log \mathcal N(z; \mu_c, \sigma_c^2)` for z (..., D): (..., K)."""
+        scale = self.scale
+        diff = (z.unsqueeze(-2) - self.loc) / scale
+        log_norm = -0.5 * (diff**2).sum(-1) - torch.log(scale).sum(-1)
+        log_norm = log_norm - 0.5 * self.latent_dim * math.log(2 * math.pi)
+        return torch.log_softmax(self.logits, -1) + log_norm

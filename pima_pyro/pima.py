@@ -1,0 +1,310 @@
+"""``PIMA``: the class users meet, a thin layer over :mod:`pima_pyro.models` and
+:mod:`pima_pyro.inference` (scvi-tools style: ``fit``, queries, ``save``/``load``)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pyro
+import torch
+
+from pima_pyro.data import MultimodalData
+from pima_pyro.inference.posterior import (
+    Prediction,
+    cluster_log_posterior,
+    latent_posterior,
+    predict_modality,
+)
+from pima_pyro.inference.svi import History, fit, resolve_device
+from pima_pyro.models.modalities import Modality, PhysicsModality
+from pima_pyro.models.module import PIMAModule
+
+#: Version of the file layout written by :meth:`PIMA.save`.
+SAVE_FORMAT = 1
+
+
+def _package_version() -> str:
+    from pima_pyro import __version__
+
+    return __version__
+
+
+class PIMA:
+    """A physics-informed multimodal autoencoder.
+
+    Args:
+        modalities: ``name -> Modality`` spec (:class:`~pima_pyro.GaussianModality`,
+            :class:`~pima_pyro.BernoulliModality`, :class:`~pima_pyro.PhysicsModality`).
+        n_clusters: number of mixture components K (>= 1).
+        latent_dim: size of the latent z (>= 1).
+        prior_expert: include the N(0, I) expert in the product of experts.
+    """
+
+    def __init__(
+        self,
+        modalities: Mapping[str, Modality],
+        n_clusters: int = 10,
+        latent_dim: int = 4,
+        prior_expert: bool = True,
+    ) -> None:
+        if not isinstance(modalities, Mapping) or not modalities:
+            raise ValueError("PIMA: modalities must be a non-empty mapping name -> Modality spec")
+        for name, spec in modalities.items():
+            if not isinstance(spec, Modality):
+                raise TypeError(
+                    f"modality '{name}': expected a Modality spec (GaussianModality, "
+                    f"BernoulliModality, PhysicsModality), got {type(spec).__name__}"
+                )
+            spec.validate(name)
+        if not isinstance(n_clusters, int) or n_clusters < 1:
+            raise ValueError(f"PIMA: n_clusters must be an integer >= 1, got {n_clusters!r}")
+        if not isinstance(latent_dim, int) or latent_dim < 1:
+            raise ValueError(f"PIMA: latent_dim must be an integer >= 1, got {latent_dim!r}")
+        self.specs: dict[str, Modality] = {n: copy.deepcopy(s) for n, s in modalities.items()}
+        self.n_clusters = n_clusters
+        self.latent_dim = latent_dim
+        self.prior_expert = prior_expert
+        self.module: PIMAModule | None = None
+        self.history: History | None = None
+
+    # ---- construction ------------------------------------------------------------------------
+    def _check_data(self, data: MultimodalData, required: Sequence[str] | None = None) -> None:
+        if not isinstance(data, MultimodalData):
+            raise TypeError(f"expected MultimodalData, got {type(data).__name__}")
+        for name in required if required is not None else self.specs:
+            if name not in data.values:
+                raise ValueError(
+                    f"modality '{name}': missing from the data (data has {list(data.values)}); "
+                    "pass it with a mask of False where it was not measured"
+                )
+        for name in data.values:
+            if name not in self.specs:
+                continue
+            shape = self.specs[name].shape
+            if shape is not None and data.feature_shape(name) != tuple(shape):
+                raise ValueError(
+                    f"modality '{name}': feature shape {tuple(shape)} expected, data has "
+                    f"{data.feature_shape(name)}"
+                )
+
+    def _build(self, data: MultimodalData) -> PIMAModule:
+        self._check_data(data)
+        for name, spec in self.specs.items():
+            if spec.shape is None:
+                spec.shape = data.feature_shape(name)
+            if isinstance(spec, PhysicsModality) and len(spec.shape) != 1:
+                raise ValueError(
+                    f"modality '{name}': a physics modality is a curve (N, T); data has "
+                    f"features {spec.shape}"
+                )
+            if isinstance(spec, PhysicsModality) and name not in data.grids:
+                raise ValueError(
+                    f"modality '{name}': a physics modality needs its grid t in "
+                    "MultimodalData(grids={...})"
+                )
+        module = PIMAModule(self.specs, self.n_clusters, self.latent_dim, self.prior_expert)
+        for name in module.physics_names:
+            module.modalities[name].grid.copy_(data.grids[name])
+        return module
+
+    def _require_fitted(self) -> PIMAModule:
+        if self.module is None:
+            raise RuntimeError("PIMA: call fit() (or load()) first")
+        return self.module
+
+    def _resolve_given(self, data: MultimodalData, given: Sequence[str] | None) -> list[str]:
+        if given is None:
+            return [n for n in self.specs if n in data.values]
+        if isinstance(given, str):
+            given = [given]
+        given = list(given)
+        for name in given:
+            if name not in self.specs:
+                raise ValueError(
+                    f"given: unknown modality '{name}'; the model has {list(self.specs)}"
+                )
+            if name not in data.values:
+                raise ValueError(f"given: modality '{name}' is not in the data ({list(data.values)})")
+        self._check_data(data, required=given)
+        return given
+
+    @property
+    def device(self) -> torch.device:
+        return next(self._require_fitted().parameters()).device
+
+    # ---- training ----------------------------------------------------------------------------
+    def fit(
+        self,
+        data: MultimodalData,
+        epochs: int = 100,
+        batch_size: int = 128,
+        lr: float = 5e-3,
+        device: str | torch.device = "auto",
+        seed: int = 0,
+        **kwargs: object,
+    ) -> History:
+        """Fit by SVI with ``TraceEnum_ELBO``; see :func:`pima_pyro.inference.svi.fit`."""
+        if self.n_clusters > data.n_samples:
+            raise ValueError(
+                f"PIMA: n_clusters={self.n_clusters} exceeds the {data.n_samples} samples"
+            )
+        torch.manual_seed(seed)  # network initialisation
+        if self.module is None:
+            self.module = self._build(data)
+        else:
+            self._check_data(data)
+        self.history = fit(
+            self.module,
+            data,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            device=device,
+            seed=seed,
+            **kwargs,  # type: ignore[arg-type]
+        )
+        return self.history
+
+    # ---- queries -----------------------------------------------------------------------------
+    def cluster_posterior(
+        self,
+        data: MultimodalData,
+        given: Sequence[str] | None = None,
+        num_samples: int = 64,
+        seed: int = 0,
+    ) -> np.ndarray:
+        """p(c | x_S) for every sample, (N, K); ``given=None`` uses every modality."""
+        net = self._require_fitted()
+        given = self._resolve_given(data, given)
+        batch = data.with_modalities(given).to_batch(self.device)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        return cluster_log_posterior(net, batch, given, num_samples, gen).exp().cpu().numpy()
+
+    def predict_clusters(self, data: MultimodalData, given: Sequence[str] | None = None) -> np.ndarray:
+        """The most probable cluster under :meth:`cluster_posterior`, (N,)."""
+        return self.cluster_posterior(data, given).argmax(1)
+
+    def get_latent_representation(
+        self,
+        data: MultimodalData,
+        given: Sequence[str] | None = None,
+        return_scale: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Mean (and optionally scale) of q(z | x_S), (N, latent_dim)."""
+        net = self._require_fitted()
+        given = self._resolve_given(data, given)
+        batch = data.with_modalities(given).to_batch(self.device)
+        loc, scale = latent_posterior(net, batch, given)
+        if return_scale:
+            return loc.cpu().numpy(), scale.cpu().numpy()
+        return loc.cpu().numpy()
+
+    def predict(
+        self,
+        data: MultimodalData,
+        given: Sequence[str],
+        target: str,
+        num_samples: int = 200,
+        interval: float = 0.9,
+        seed: int = 0,
+    ) -> Prediction:
+        """Cross-modal prediction of ``target`` from ``given``: mean, interval and draws."""
+        net = self._require_fitted()
+        if target not in self.specs:
+            raise ValueError(f"target: unknown modality '{target}'; the model has {list(self.specs)}")
+        if not 0.0 < interval < 1.0:
+            raise ValueError(f"predict: interval must be in (0, 1), got {interval}")
+        if num_samples < 1:
+            raise ValueError(f"predict: num_samples must be >= 1, got {num_samples}")
+        given = self._resolve_given(data, given)
+        batch = data.with_modalities(given).to_batch(self.device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+            pred = predict_modality(net, batch, given, target, num_samples, interval, gen)
+        return Prediction(
+            mean=pred.mean.cpu(),
+            lower=pred.lower.cpu(),
+            upper=pred.upper.cpu(),
+            samples=pred.samples.cpu(),
+            interval=interval,
+        )
+
+    # ---- fitted globals ----------------------------------------------------------------------
+    def mixture_parameters(self) -> dict[str, np.ndarray]:
+        """Point estimates ``weights`` (K,), ``loc`` (K, D), ``scale`` (K, D)."""
+        mix = self._require_fitted().mixture
+        with torch.no_grad():
+            return {
+                "weights": mix.weights.cpu().numpy(),
+                "loc": mix.loc.cpu().numpy(),
+                "scale": mix.scale.cpu().numpy(),
+            }
+
+    def physics_parameters(self) -> dict[str, dict[str, np.ndarray]]:
+        """Per physics modality: ``theta`` (K, P), ``noise_scale`` (K,), ``param_names``."""
+        net = self._require_fitted()
+        out = {}
+        with torch.no_grad():
+            for name in net.physics_names:
+                expert = net.modalities[name].expert
+                out[name] = {
+                    "theta": expert.theta.cpu().numpy(),
+                    "noise_scale": expert.noise_scale.cpu().numpy(),
+                    "param_names": np.array(expert.param_names),
+                }
+        return out
+
+    # ---- persistence -------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write specs, weights, history and the versions that wrote them (atomic rename)."""
+        net = self._require_fitted()
+        payload = {
+            "format": SAVE_FORMAT,
+            "versions": {
+                "pima_pyro": _package_version(),
+                "torch": torch.__version__,
+                "pyro": pyro.__version__,
+            },
+            "specs": self.specs,
+            "n_clusters": self.n_clusters,
+            "latent_dim": self.latent_dim,
+            "prior_expert": self.prior_expert,
+            "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+            "history": None if self.history is None else self.history.as_dict(),
+        }
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        os.close(fd)
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> PIMA:
+        """Load a model written by :meth:`save`. The file is a pickle: load trusted files only."""
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(payload, dict) or payload.get("format") != SAVE_FORMAT:
+            raise ValueError(
+                f"PIMA.load: {path} is not a pima-pyro model file of format {SAVE_FORMAT}"
+            )
+        model = cls(
+            payload["specs"], payload["n_clusters"], payload["latent_dim"], payload["prior_expert"]
+        )
+        model.module = PIMAModule(
+            model.specs, model.n_clusters, model.latent_dim, model.prior_expert
+        )
+        model.module.load_state_dict(payload["state_dict"])
+        model.module.to(resolve_device(map_location)).eval()
+        if payload.get("history"):
+            h = payload["history"]
+            model.history = History(
+                loss=h["loss"], phase=h["phase"], seconds=h["seconds"],
+                em_log_likelihood=h["em_log_likelihood"],
+            )
+        return model
