@@ -45,14 +45,11 @@ def _as_array(name: str, field: str, value: object) -> np.ndarray:
         array = np.asarray(value)
     except Exception as exc:  # ragged lists and the like
         raise TypeError(
-            f"modality '{name}': {field} must be an array-like of numbers, got {type(value).__name__}"
+            f"modality '{name}': {field} must be an array-like of numbers, "
+            f"got {type(value).__name__}"
         ) from exc
-    if array.dtype == object or not (
-        np.issubdtype(array.dtype, np.number) or array.dtype == bool
-    ):
-        raise TypeError(
-            f"modality '{name}': {field} must be numeric, got dtype {array.dtype}"
-        )
+    if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+        raise TypeError(f"modality '{name}': {field} must be numeric, got dtype {array.dtype}")
     return array
 
 
@@ -82,7 +79,10 @@ class MultimodalData:
             raise ValueError("MultimodalData: modalities must be a non-empty mapping name -> array")
         masks = dict(masks or {})
         grids = dict(grids or {})
-        for extra, where in ((set(masks) - set(modalities), "masks"), (set(grids) - set(modalities), "grids")):
+        for extra, where in (
+            (set(masks) - set(modalities), "masks"),
+            (set(grids) - set(modalities), "grids"),
+        ):
             if extra:
                 raise ValueError(
                     f"MultimodalData: {where} name unknown modalities {sorted(extra)}; "
@@ -95,10 +95,14 @@ class MultimodalData:
         first_name = ""
         for name, raw in modalities.items():
             if not isinstance(name, str) or not name.isidentifier():
-                raise ValueError(f"MultimodalData: modality names must be identifiers, got {name!r}")
+                raise ValueError(
+                    f"MultimodalData: modality names must be identifiers, got {name!r}"
+                )
             array = _as_array(name, "values", raw).astype(np.float32)
             if array.ndim == 0:
-                raise ValueError(f"modality '{name}': values must have shape (N, ...), got a scalar")
+                raise ValueError(
+                    f"modality '{name}': values must have shape (N, ...), got a scalar"
+                )
             if array.ndim == 1:
                 array = array[:, None]
             if n_samples is None:
@@ -210,7 +214,9 @@ class MultimodalData:
     ) -> tuple[MultimodalData, MultimodalData]:
         """A random split (seeded): ``(train, test)``."""
         if not 0.0 < test_fraction < 1.0:
-            raise ValueError(f"train_test_split: test_fraction must be in (0, 1), got {test_fraction}")
+            raise ValueError(
+                f"train_test_split: test_fraction must be in (0, 1), got {test_fraction}"
+            )
         rng = np.random.default_rng(seed)
         perm = rng.permutation(self.n_samples)
         n_test = int(round(test_fraction * self.n_samples))

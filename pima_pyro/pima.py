@@ -129,7 +129,9 @@ class PIMA:
                     f"given: unknown modality '{name}'; the model has {list(self.specs)}"
                 )
             if name not in data.values:
-                raise ValueError(f"given: modality '{name}' is not in the data ({list(data.values)})")
+                raise ValueError(
+                    f"given: modality '{name}' is not in the data ({list(data.values)})"
+                )
         self._check_data(data, required=given)
         return given
 
@@ -185,7 +187,9 @@ class PIMA:
         gen = torch.Generator(device=self.device).manual_seed(seed)
         return cluster_log_posterior(net, batch, given, num_samples, gen).exp().cpu().numpy()
 
-    def predict_clusters(self, data: MultimodalData, given: Sequence[str] | None = None) -> np.ndarray:
+    def predict_clusters(
+        self, data: MultimodalData, given: Sequence[str] | None = None
+    ) -> np.ndarray:
         """The most probable cluster under :meth:`cluster_posterior`, (N,)."""
         return self.cluster_posterior(data, given).argmax(1)
 
@@ -216,7 +220,9 @@ class PIMA:
         """Cross-modal prediction of ``target`` from ``given``: mean, interval and draws."""
         net = self._require_fitted()
         if target not in self.specs:
-            raise ValueError(f"target: unknown modality '{target}'; the model has {list(self.specs)}")
+            raise ValueError(
+                f"target: unknown modality '{target}'; the model has {list(self.specs)}"
+            )
         if not 0.0 < interval < 1.0:
             raise ValueError(f"predict: interval must be in (0, 1), got {interval}")
         if num_samples < 1:
@@ -304,7 +310,9 @@ class PIMA:
         if payload.get("history"):
             h = payload["history"]
             model.history = History(
-                loss=h["loss"], phase=h["phase"], seconds=h["seconds"],
+                loss=h["loss"],
+                phase=h["phase"],
+                seconds=h["seconds"],
                 em_log_likelihood=h["em_log_likelihood"],
             )
         return model

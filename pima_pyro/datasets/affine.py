@@ -27,7 +27,9 @@ CURVE_POINTS = 20
 
 def _affine_curves(labels: np.ndarray, noise_std: float, rng: np.random.Generator):
     grid = np.linspace(0.0, 1.0, CURVE_POINTS)
-    curves = labels[:, None] * grid[None, :] + rng.normal(0.0, noise_std, (labels.size, CURVE_POINTS))
+    curves = labels[:, None] * grid[None, :] + rng.normal(
+        0.0, noise_std, (labels.size, CURVE_POINTS)
+    )
     return grid, curves
 
 
@@ -44,9 +46,7 @@ def digits_affine(noise_std: float = 0.5, seed: int = 0) -> MultimodalData:
     images = (digits.images / 16.0).astype(np.float32)
     labels = digits.target.astype(np.int64)
     grid, curves = _affine_curves(labels, noise_std, np.random.default_rng(seed))
-    return MultimodalData(
-        {"image": images, "curve": curves}, grids={"curve": grid}, labels=labels
-    )
+    return MultimodalData({"image": images, "curve": curves}, grids={"curve": grid}, labels=labels)
 
 
 def affine_modalities(

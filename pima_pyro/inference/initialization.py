@@ -114,9 +114,7 @@ def physics_mixture_em(
     starts.append(np.minimum(ranks * n_clusters // feats.shape[0], n_clusters - 1))
     for _ in range(max(n_starts - 1, 0)):
         starts.append(_kmeans_plus_plus(feats, n_clusters, rng))
-    floors = {
-        n: max(NOISE_SCALE_MIN**2, 1e-6 * float(v[m[n]].var())) for n, v in y.items()
-    }
+    floors = {n: max(NOISE_SCALE_MIN**2, 1e-6 * float(v[m[n]].var())) for n, v in y.items()}
     best: EMResult | None = None
     for assign in starts:
         resp = torch.nn.functional.one_hot(
@@ -141,8 +139,8 @@ def _em_from_responsibilities(
 ) -> EMResult:
     previous = -np.inf
     total = -np.inf
-    it = 0
-    for it in range(1, max_iter + 1):
+    n_iter = 0
+    for n_iter in range(1, max_iter + 1):  # noqa: B007 (reported after the loop)
         # M-step
         weights = resp[any_observed].mean(0).clamp_min(1e-8)
         weights = weights / weights.sum()
@@ -170,7 +168,7 @@ def _em_from_responsibilities(
         noise_scale={n: v.sqrt() for n, v in noise2.items()},
         responsibilities=resp,
         log_likelihood=total,
-        n_iter=it,
+        n_iter=n_iter,
     )
 
 

@@ -61,6 +61,19 @@ class History:
         }
 
 
+def forget_registered_parameters(prefix: str = "pima") -> None:
+    """Drop ``prefix$$$*`` entries from Pyro's param store.
+
+    ``pyro.module`` keeps the first tensor registered under a name; a later model (or the same
+    one after ``.to(device)``) would otherwise be shadowed by stale tensors, which breaks
+    ``JitTraceEnum_ELBO`` (it feeds the store's tensors to the traced function).
+    """
+    store = pyro.get_param_store()
+    for key in list(store.keys()):
+        if key.startswith(prefix + "$$$"):
+            del store[key]
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """``"auto"`` is CUDA when available, else CPU."""
     if isinstance(device, str) and device == "auto":
@@ -149,6 +162,7 @@ def fit(
         torch.set_num_threads(num_threads)
     pyro.set_rng_seed(seed)
     np.random.seed(seed)
+    forget_registered_parameters()
     device = resolve_device(device)
     net.to(device)
     net.train()
@@ -193,7 +207,9 @@ def fit(
     else:
         elbo = TraceEnum_ELBO(max_plate_nesting=MAX_PLATE_NESTING)
     frozen_names = {"mixture."}
-    frozen_names |= {f"modalities.{p}.expert." for p in physics} if responsibilities is not None else set()
+    frozen_names |= (
+        {f"modalities.{p}.expert." for p in physics} if responsibilities is not None else set()
+    )
 
     def is_frozen(param_name: str) -> bool:
         return any(param_name.startswith(prefix) for prefix in frozen_names)
@@ -210,6 +226,34 @@ def fit(
     else:
         optimizer = torch.optim.Adam(net.parameters(), lr=lr)
 
+    names = net.modality_names
+
+    def flat_args(batch: Batch) -> tuple[torch.Tensor, ...]:
+        # JIT traces tensors only: the batch travels flat, the module and n_total are closed over
+        encode_masks = batch.encode if batch.encode is not None else batch.observed
+        return (
+            batch.indices,
+            *(batch.values[k] for k in names),
+            *(batch.observed[k] for k in names),
+            *(encode_masks[k] for k in names),
+        )
+
+    def unflatten(args: tuple[torch.Tensor, ...]) -> Batch:
+        m = len(names)
+        return Batch(
+            values=dict(zip(names, args[1 : 1 + m], strict=True)),
+            observed=dict(zip(names, args[1 + m : 1 + 2 * m], strict=True)),
+            indices=args[0],
+            n_total=n,
+            encode=dict(zip(names, args[1 + 2 * m :], strict=True)),
+        )
+
+    def flat_model(*args: torch.Tensor) -> None:
+        model(net, unflatten(args))
+
+    def flat_guide(*args: torch.Tensor) -> None:
+        guide(net, unflatten(args))
+
     def run_epoch(phase: str, opt: torch.optim.Optimizer) -> float:
         start = time.perf_counter()
         perm = torch.randperm(n, device=device, generator=gen)
@@ -218,13 +262,16 @@ def fit(
         for b in range(n_batches):
             idx = perm[b * batch_size : (b + 1) * batch_size]
             batch = _slice_batch(full, idx, subset_training, gen)
-            loss = elbo.differentiable_loss(model, guide, net, batch) / n
+            if jit:
+                loss = elbo.differentiable_loss(flat_model, flat_guide, *flat_args(batch)) / n
+            else:
+                loss = elbo.differentiable_loss(model, guide, net, batch) / n
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if clip_norm is not None:
                 torch.nn.utils.clip_grad_norm_(net.parameters(), clip_norm)
             opt.step()
-            total = total + loss.detach() * (n / idx.shape[0])
+            total = total + loss.detach()
         value = float(total) / n_batches  # one sync per epoch
         history.loss.append(value)
         history.phase.append(phase)

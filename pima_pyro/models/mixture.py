@@ -2,7 +2,8 @@ r"""Gaussian-mixture prior on the latent.
 
 .. math::
 
-    c \sim \mathrm{Categorical}(\pi), \qquad z \mid c \sim \mathcal N(\mu_c, \operatorname{diag}\sigma_c^2)
+    c \sim \mathrm{Categorical}(\pi), \qquad
+    z \mid c \sim \mathcal N(\mu_c, \operatorname{diag}\sigma_c^2)
 
 Parameters are kept unconstrained (``logits`` for :math:`\pi`, softplus for :math:`\sigma_c`
 above the floor ``SCALE_MIN``) so that Adam can move them freely.
@@ -48,9 +49,7 @@ class GaussianMixturePrior(nn.Module):
         return nn.functional.softplus(self.unconstrained_scale) + SCALE_MIN
 
     @torch.no_grad()
-    def set_parameters(
-        self, weights: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor
-    ) -> None:
+    def set_parameters(self, weights: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> None:
         """Overwrite :math:`\\pi, \\mu, \\sigma` (e.g. from an EM or GMM initialisation)."""
         p = self.logits
         weights = torch.as_tensor(weights, dtype=p.dtype, device=p.device).clamp_min(1e-6)

@@ -12,6 +12,7 @@ Specs are plain dataclasses (what the user writes); :meth:`Modality.build` turns
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -94,7 +95,9 @@ class GaussianModality(Modality):
             )
 
     def build(self, name: str, latent_dim: int, n_clusters: int) -> nn.Module:
-        return DataModalityModule(self, self.build_encoder(latent_dim), self.build_decoder(latent_dim))
+        return DataModalityModule(
+            self, self.build_encoder(latent_dim), self.build_decoder(latent_dim)
+        )
 
 
 @dataclass
@@ -106,7 +109,9 @@ class BernoulliModality(Modality):
     kind: ClassVar[str] = "bernoulli"
 
     def build(self, name: str, latent_dim: int, n_clusters: int) -> nn.Module:
-        return DataModalityModule(self, self.build_encoder(latent_dim), self.build_decoder(latent_dim))
+        return DataModalityModule(
+            self, self.build_encoder(latent_dim), self.build_decoder(latent_dim)
+        )
 
 
 @dataclass
@@ -134,7 +139,8 @@ class PhysicsModality(Modality):
 
     def build(self, name: str, latent_dim: int, n_clusters: int) -> nn.Module:
         assert self.expert is not None and self.shape is not None
-        expert = self.expert.bind(n_clusters)
+        # the spec keeps its expert unbound (picklable, reusable); the module owns a copy
+        expert = copy.deepcopy(self.expert).bind(n_clusters)
         return PhysicsModalityModule(self, self.build_encoder(latent_dim), expert, self.shape[0])
 
 
