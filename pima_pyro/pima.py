@@ -21,7 +21,7 @@ from pima_pyro.inference.posterior import (
     predict_modality,
 )
 from pima_pyro.inference.svi import History, fit, resolve_device
-from pima_pyro.models.modalities import Modality, PhysicsModality
+from pima_pyro.models.modalities import BernoulliModality, Modality, PhysicsModality
 from pima_pyro.models.module import PIMAModule
 
 #: Version of the file layout written by :meth:`PIMA.save`.
@@ -85,7 +85,20 @@ class PIMA:
         for name in data.values:
             if name not in self.specs:
                 continue
-            shape = self.specs[name].shape
+            spec = self.specs[name]
+            if isinstance(spec, BernoulliModality):
+                observed = data.values[name][data.masks[name]]
+                if observed.numel() and (observed.min() < 0 or observed.max() > 1):
+                    raise ValueError(
+                        f"modality '{name}': a BernoulliModality needs values in [0, 1], got "
+                        f"range [{float(observed.min()):.3g}, {float(observed.max()):.3g}]"
+                    )
+                if not spec.continuous and not torch.all((observed == 0) | (observed == 1)):
+                    raise ValueError(
+                        f"modality '{name}': BernoulliModality(continuous=False) needs 0/1 "
+                        "values; use continuous=True for values in [0, 1]"
+                    )
+            shape = spec.shape
             if shape is not None and data.feature_shape(name) != tuple(shape):
                 raise ValueError(
                     f"modality '{name}': feature shape {tuple(shape)} expected, data has "
@@ -216,8 +229,10 @@ class PIMA:
         num_samples: int = 200,
         interval: float = 0.9,
         seed: int = 0,
+        return_samples: bool = False,
     ) -> Prediction:
-        """Cross-modal prediction of ``target`` from ``given``: mean, interval and draws."""
+        """Cross-modal prediction of ``target`` from ``given``: posterior predictive mean and
+        equal-tailed ``interval``, and the ``num_samples`` draws when ``return_samples``."""
         net = self._require_fitted()
         if target not in self.specs:
             raise ValueError(
@@ -232,12 +247,14 @@ class PIMA:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             gen = torch.Generator(device=self.device).manual_seed(seed)
-            pred = predict_modality(net, batch, given, target, num_samples, interval, gen)
+            pred = predict_modality(
+                net, batch, given, target, num_samples, interval, gen, return_samples
+            )
         return Prediction(
             mean=pred.mean.cpu(),
             lower=pred.lower.cpu(),
             upper=pred.upper.cpu(),
-            samples=pred.samples.cpu(),
+            samples=None if pred.samples is None else pred.samples.cpu(),
             interval=interval,
         )
 

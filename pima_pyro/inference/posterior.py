@@ -21,6 +21,7 @@ Given any subset :math:`S = D \cup P` of modalities (data-driven :math:`D`, phys
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,7 +39,7 @@ class Prediction:
     mean: torch.Tensor  # (N, *shape): posterior predictive mean
     lower: torch.Tensor  # (N, *shape)
     upper: torch.Tensor  # (N, *shape)
-    samples: torch.Tensor  # (num_samples, N, *shape): posterior predictive draws
+    samples: torch.Tensor | None  # (num_samples, N, *shape) draws, when asked for
     interval: float
 
 
@@ -63,7 +64,10 @@ def latent_posterior(
         if values:
             loc, log_var = encode(net, values, masks)
         else:
-            loc = torch.zeros(sl.stop - sl.start, net.latent_dim, device=batch.indices.device)
+            dtype = net.mixture.loc.dtype
+            loc = torch.zeros(
+                sl.stop - sl.start, net.latent_dim, device=batch.indices.device, dtype=dtype
+            )
             log_var = torch.zeros_like(loc)
         locs.append(loc)
         scales.append(torch.exp(0.5 * log_var))
@@ -100,9 +104,7 @@ def cluster_log_posterior(
             else:
                 z = loc.unsqueeze(0)
             log_pc_z = torch.log_softmax(mixture.component_log_prob(z), -1)  # (S, n, K)
-            log_pc = torch.logsumexp(log_pc_z, 0) - torch.log(
-                torch.tensor(float(z.shape[0]), device=device, dtype=loc.dtype)
-            )
+            log_pc = torch.logsumexp(log_pc_z, 0) - math.log(z.shape[0])
             # samples with none of the data modalities observed fall back to the prior
             has_data = torch.stack([masks[n] for n in data_given]).any(0)
             log_pc = torch.where(has_data[:, None], log_pc, log_prior.expand(size, -1))
@@ -116,6 +118,15 @@ def cluster_log_posterior(
     return torch.cat(out)
 
 
+def _slice(batch: Batch, sl: slice) -> Batch:
+    return Batch(
+        values={n: v[sl] for n, v in batch.values.items()},
+        observed={n: m[sl] for n, m in batch.observed.items()},
+        indices=batch.indices[sl],
+        n_total=batch.n_total,
+    )
+
+
 @torch.no_grad()
 def predict_modality(
     net: PIMAModule,
@@ -125,30 +136,53 @@ def predict_modality(
     num_samples: int = 200,
     interval: float = 0.9,
     generator: torch.Generator | None = None,
+    return_samples: bool = True,
+    max_elements: int = 8_000_000,
 ) -> Prediction:
-    """Posterior predictive of ``target`` given the modalities ``given``."""
+    """Posterior predictive of ``target`` given the modalities ``given``.
+
+    Samples are processed in chunks of at most ``max_elements`` drawn values, so that memory
+    stays bounded for large targets (images) and many samples.
+    """
     module = net.modalities[target]
-    if net.is_physics(target):
-        log_pc = cluster_log_posterior(net, batch, given, generator=generator)
-        probs = log_pc.exp()  # (N, K)
-        means = module.cluster_means()  # (K, T)
-        scale = module.expert.noise_scale  # (K,)
-        mean = probs @ means
-        c = torch.multinomial(probs, num_samples, replacement=True, generator=generator).T
-        noise = torch.randn(
-            (*c.shape, means.shape[-1]), device=means.device, dtype=means.dtype, generator=generator
-        )
-        samples = means[c] + scale[c].unsqueeze(-1) * noise  # (S, N, T)
-    else:
-        loc, scale = latent_posterior(net, batch, given)
-        eps = torch.randn(
-            (num_samples, *loc.shape), device=loc.device, dtype=loc.dtype, generator=generator
-        )
-        z = loc + scale * eps
-        mean = module.mean(z).mean(0)
-        likelihood = module.likelihood(z)
-        samples = likelihood.sample()
+    features = math.prod(module.spec.shape or (1,))
+    chunk = max(1, max_elements // max(1, num_samples * features))
     alpha = (1.0 - interval) / 2.0
-    q = torch.tensor([alpha, 1.0 - alpha], device=samples.device, dtype=samples.dtype)
-    lower, upper = torch.quantile(samples, q, dim=0)
-    return Prediction(mean=mean, lower=lower, upper=upper, samples=samples, interval=interval)
+    means, lowers, uppers, draws = [], [], [], []
+    for sl in _chunks(batch.size, chunk):
+        part = _slice(batch, sl)
+        if net.is_physics(target):
+            probs = cluster_log_posterior(net, part, given, generator=generator).exp()  # (n, K)
+            cluster_means = module.cluster_means()  # (K, T)
+            scale = module.expert.noise_scale  # (K,)
+            mean = probs @ cluster_means
+            c = torch.multinomial(probs, num_samples, replacement=True, generator=generator).T
+            noise = torch.randn(
+                (*c.shape, cluster_means.shape[-1]),
+                device=cluster_means.device,
+                dtype=cluster_means.dtype,
+                generator=generator,
+            )
+            samples = cluster_means[c] + scale[c].unsqueeze(-1) * noise  # (S, n, T)
+        else:
+            loc, scale = latent_posterior(net, part, given)
+            eps = torch.randn(
+                (num_samples, *loc.shape), device=loc.device, dtype=loc.dtype, generator=generator
+            )
+            z = loc + scale * eps
+            mean = module.mean(z).mean(0)
+            samples = module.likelihood(z).sample()
+        q = torch.tensor([alpha, 1.0 - alpha], device=samples.device, dtype=samples.dtype)
+        lower, upper = torch.quantile(samples, q, dim=0)
+        means.append(mean)
+        lowers.append(lower)
+        uppers.append(upper)
+        if return_samples:
+            draws.append(samples)
+    return Prediction(
+        mean=torch.cat(means),
+        lower=torch.cat(lowers),
+        upper=torch.cat(uppers),
+        samples=torch.cat(draws, dim=1) if return_samples else None,
+        interval=interval,
+    )

@@ -48,7 +48,9 @@ def encode(
             mask = torch.ones(num_samples, dtype=torch.bool, device=reference.device)
         present.append(mask)
     if not locs:
-        zeros = torch.zeros(num_samples, net.latent_dim, device=reference.device)
+        zeros = torch.zeros(
+            num_samples, net.latent_dim, device=reference.device, dtype=reference.dtype
+        )
         return zeros, zeros
     return poe_posterior(
         torch.stack(locs), torch.stack(log_vars), torch.stack(present), net.prior_expert
