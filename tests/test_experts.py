@@ -1,12 +1,16 @@
 """Physics experts: closed-form WLS against numpy, and EM recovery of known parameters."""
 
 import numpy as np
+import pyro.distributions as dist
 import pytest
 import torch
 
 from pima_pyro.inference.initialization import physics_mixture_em
 from pima_pyro.models.experts import (
     Affine,
+    BilinearStressStrain,
+    Custom,
+    ExponentialDecay,
     LinearThroughOrigin,
     Polynomial,
     gaussian_curve_log_likelihood,
@@ -106,3 +110,131 @@ def test_em_ignores_masked_samples():
 def test_polynomial_rejects_bad_degree():
     with pytest.raises(ValueError, match="degree"):
         Polynomial(-1)
+
+
+def _simulate(expert, theta, noise, t, n_per_cluster, seed):
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.as_tensor(theta, dtype=torch.float64)
+    labels = torch.arange(theta.shape[0]).repeat_interleave(n_per_cluster)
+    means = expert.expected_curve(theta, t)
+    noise = torch.as_tensor(noise, dtype=torch.float64)
+    y = means[labels] + noise[labels, None] * torch.randn(
+        len(labels), len(t), generator=g, dtype=torch.float64
+    )
+    return y, labels
+
+
+def _em(expert, y, t, k):
+    mask = torch.ones(y.shape[0], dtype=torch.bool)
+    return physics_mixture_em({"y": y}, {"y": mask}, {"y": expert}, {"y": t}, n_clusters=k)
+
+
+def _sorted_by(theta, column):
+    return theta[np.argsort(theta[:, column])]
+
+
+def test_exponential_decay_recovered_by_em():
+    expert = ExponentialDecay()
+    t = torch.linspace(0, 5, 40, dtype=torch.float64)
+    rate_param = lambda k: float(np.log(np.expm1(k)))  # noqa: E731 (inverse softplus)
+    truth = np.array([[3.0, rate_param(0.5), 0.2], [1.0, rate_param(2.0), -0.5]])
+    y, _ = _simulate(expert, truth, [0.05, 0.05], t, 150, seed=0)
+    res = _em(expert, y, t, 2)
+    got = _sorted_by(res.theta["y"].numpy(), 0)
+    want = _sorted_by(truth, 0)
+    np.testing.assert_allclose(got[:, 0], want[:, 0], atol=0.05)  # amplitude
+    np.testing.assert_allclose(
+        ExponentialDecay.rate(torch.tensor(got)).numpy(), [2.0, 0.5], rtol=0.05
+    )
+    np.testing.assert_allclose(got[:, 2], want[:, 2], atol=0.03)  # offset
+    np.testing.assert_allclose(np.sort(res.noise_scale["y"].numpy()), [0.05, 0.05], rtol=0.1)
+
+
+def test_bilinear_stress_strain_recovered_by_em():
+    expert = BilinearStressStrain()
+    t = torch.linspace(0, 0.1, 40, dtype=torch.float64)
+    truth = np.array([[200.0, 0.02, 20.0], [120.0, 0.05, 5.0]])
+    y, _ = _simulate(expert, truth, [0.1, 0.1], t, 100, seed=1)
+    res = _em(expert, y, t, 2)
+    got = _sorted_by(res.theta["y"].numpy(), 1)
+    want = _sorted_by(truth, 1)
+    np.testing.assert_allclose(got[:, 0], want[:, 0], rtol=0.02)  # elastic modulus
+    np.testing.assert_allclose(got[:, 1], want[:, 1], atol=0.001)  # yield strain
+    np.testing.assert_allclose(got[:, 2], want[:, 2], atol=1.0)  # hardening modulus
+
+
+def test_bilinear_is_continuous_and_has_finite_gradient_at_the_kink():
+    expert = BilinearStressStrain()
+    t = torch.linspace(0, 0.1, 101, dtype=torch.float64)
+    theta = torch.tensor(
+        [100.0, 0.05, 10.0], dtype=torch.float64, requires_grad=True
+    )  # kink on t[50]
+    y = expert.expected_curve(theta, t)
+    # continuity: the jump between neighbours never exceeds the elastic slope times the spacing
+    assert torch.all(torch.diff(y).abs() <= 100.0 * 0.001 + 1e-9)
+    # far from the kink it is the bilinear curve
+    bilinear = torch.where(t < 0.05, 100 * t, 100 * 0.05 + 10 * (t - 0.05))
+    far = (t - 0.05).abs() > 0.01
+    torch.testing.assert_close(y[far], bilinear[far], atol=1e-6, rtol=0)
+    y[50].backward()
+    assert torch.isfinite(theta.grad).all()
+    # d f / d eps_y at the kink is -(H - E) * sigmoid(0) = 45
+    assert theta.grad[1].item() == pytest.approx(45.0, rel=1e-6)
+    # finite differences agree with autograd around the kink
+    for eps_y in (0.0499, 0.05, 0.0501):
+        th = torch.tensor([100.0, eps_y, 10.0], dtype=torch.float64, requires_grad=True)
+        expert.expected_curve(th, t).sum().backward()
+        h = 1e-7
+        plus = expert.expected_curve(
+            torch.tensor([100.0, eps_y + h, 10.0], dtype=torch.float64), t
+        ).sum()
+        minus = expert.expected_curve(
+            torch.tensor([100.0, eps_y - h, 10.0], dtype=torch.float64), t
+        ).sum()
+        assert th.grad[1].item() == pytest.approx(((plus - minus) / (2 * h)).item(), rel=1e-4)
+
+
+def test_custom_expert_recovered_by_em_and_prior_is_named():
+    def power_law(t, amplitude, exponent):
+        return amplitude * t**exponent
+
+    expert = Custom(
+        power_law,
+        {"amplitude": (1,), "exponent": (1,)},
+        priors={"exponent": dist.LogNormal(torch.zeros(1), torch.ones(1)).to_event(1)},
+        init={"amplitude": [1.0], "exponent": [1.0]},
+    )
+    assert expert.param_names == ("amplitude", "exponent")
+    t = torch.linspace(0.01, 3, 50, dtype=torch.float64)
+    truth = np.array([[2.0, 1.5], [0.5, 0.7]])
+    y, _ = _simulate(expert, truth, [0.05, 0.05], t, 100, seed=2)
+    res = _em(expert, y, t, 2)
+    got = _sorted_by(res.theta["y"].numpy(), 1)
+    np.testing.assert_allclose(got, _sorted_by(truth, 1), atol=0.03)
+    prior = expert.prior()
+    value = torch.tensor([0.3, 1.2])
+    expected = dist.Normal(0.0, 10.0).log_prob(torch.tensor(0.3)) + dist.LogNormal(
+        0.0, 1.0
+    ).log_prob(torch.tensor(1.2))
+    assert prior.log_prob(value).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert prior.sample((4,)).shape == (4, 2)
+
+
+def test_default_priors_have_one_entry_per_parameter():
+    for expert in (
+        LinearThroughOrigin(),
+        Affine(),
+        Polynomial(2),
+        ExponentialDecay(),
+        BilinearStressStrain(),
+    ):
+        prior = expert.prior()
+        assert prior.event_shape == (expert.num_params,)
+        assert torch.isfinite(prior.log_prob(torch.zeros(expert.num_params)))
+
+
+def test_custom_rejects_bad_arguments():
+    with pytest.raises(TypeError, match="fn must be callable"):
+        Custom(3, {"a": (1,)})
+    with pytest.raises(ValueError, match="priors name unknown parameters"):
+        Custom(lambda t, a: a * t, {"a": (1,)}, priors={"b": dist.Normal(0.0, 1.0)})

@@ -7,7 +7,9 @@ r"""A start that avoids the known GMM-VAE collapse (DESIGN section 8).
      (log space, unobserved modalities contribute nothing);
    * M-step: :math:`\pi_c = \tfrac1N\sum_n r_{nc}`, weighted least squares for
      :math:`\theta_{mc}` and the closed-form noise :math:`s_{mc}^2`
-     (:func:`pima_pyro.models.experts.weighted_least_squares`).
+     (:func:`pima_pyro.models.experts.weighted_least_squares`); for experts that are not linear
+     in theta, the same weighted least squares by L-BFGS from the previous iterate
+     (:func:`pima_pyro.models.experts.fit_weighted_nonlinear`, a generalised EM step).
 
 2. :func:`mixture_from_embeddings`: after a warm-up of the autoencoder, set
    :math:`\mu_c, \sigma_c` from the embeddings weighted by the step-1 responsibilities, or
@@ -25,6 +27,7 @@ import torch
 from pima_pyro.models.experts import (
     NOISE_SCALE_MIN,
     PhysicsExpert,
+    fit_weighted_nonlinear,
     gaussian_curve_log_likelihood,
     weighted_least_squares,
 )
@@ -59,20 +62,31 @@ def _kmeans_plus_plus(features: np.ndarray, k: int, rng: np.random.Generator) ->
     return assign
 
 
-def _per_sample_theta(
+def _start_features(
     curves: Mapping[str, torch.Tensor],
     masks: Mapping[str, torch.Tensor],
-    designs: Mapping[str, torch.Tensor],
+    experts: Mapping[str, PhysicsExpert],
+    grids: Mapping[str, torch.Tensor],
 ) -> np.ndarray:
-    """Least-squares theta of every sample and modality, standardised: (N, sum P)."""
+    """Features that separate clusters, standardised: (N, F).
+
+    Linear experts: each sample's least-squares theta. Others: the leading principal
+    components (at most 5) of the standardised curves.
+    """
     columns = []
     for name, y in curves.items():
-        design = designs[name]
-        theta = torch.linalg.lstsq(design, y.T).solution.T  # (N, P)
-        theta = torch.where(masks[name][:, None], theta, theta[masks[name]].mean(0))
-        columns.append(theta)
-    feats = torch.cat(columns, dim=1).double().cpu().numpy()
-    return (feats - feats.mean(0)) / (feats.std(0) + 1e-12)
+        observed = masks[name]
+        if experts[name].is_linear:
+            design = experts[name].design_matrix(grids[name].to(y))
+            feats = torch.linalg.lstsq(design, y.T).solution.T  # (N, P)
+        else:
+            centred = (y - y[observed].mean(0)) / (y[observed].std(0) + 1e-12)
+            _, _, vt = torch.linalg.svd(centred[observed], full_matrices=False)
+            feats = centred @ vt[: min(5, vt.shape[0])].T
+        feats = torch.where(observed[:, None], feats, feats[observed].mean(0))
+        columns.append(feats)
+    out = torch.cat(columns, dim=1).double().cpu().numpy()
+    return (out - out.mean(0)) / (out.std(0) + 1e-12)
 
 
 def physics_mixture_em(
@@ -86,18 +100,16 @@ def physics_mixture_em(
     tol: float = 1e-7,
     seed: int = 0,
 ) -> EMResult:
-    """EM for the mixture of linear physics experts; best of ``n_starts`` starts.
+    """EM for the mixture of physics experts; best of ``n_starts`` starts (float64).
 
-    Starts: one from quantiles of the first principal direction of the per-sample
-    least-squares parameters, the others from k-means++ on them. Runs in float64.
+    Starts: one from quantiles of the first principal direction of the start features
+    (:func:`_start_features`), the others from k-means++ on them. Experts that are not linear in
+    theta take at most 50 EM iterations, each M-step an L-BFGS solve.
     """
-    nonlinear = [n for n, e in experts.items() if not e.is_linear]
-    if nonlinear:
-        raise ValueError(f"physics_mixture_em: experts of {nonlinear} are not linear in theta")
     device = next(iter(curves.values())).device
     y = {n: v.double() for n, v in curves.items()}
     m = {n: masks[n].to(device) for n in curves}
-    designs = {n: experts[n].design_matrix(grids[n].double().to(device)) for n in curves}
+    t = {n: grids[n].double().to(device) for n in curves}
     any_observed = torch.stack(list(m.values())).any(0)
     n_obs = int(any_observed.sum())
     if n_obs < n_clusters:
@@ -105,22 +117,26 @@ def physics_mixture_em(
             f"physics_mixture_em: {n_obs} samples with a physics modality observed, fewer than "
             f"n_clusters={n_clusters}"
         )
-    feats = _per_sample_theta(y, m, designs)
+    feats = _start_features(y, m, experts, t)
     rng = np.random.default_rng(seed)
     starts: list[np.ndarray] = []
-    u, s, vt = np.linalg.svd(feats[any_observed.cpu().numpy()], full_matrices=False)
+    _, _, vt = np.linalg.svd(feats[any_observed.cpu().numpy()], full_matrices=False)
     score = feats @ vt[0]
     ranks = np.argsort(np.argsort(score))
     starts.append(np.minimum(ranks * n_clusters // feats.shape[0], n_clusters - 1))
     for _ in range(max(n_starts - 1, 0)):
         starts.append(_kmeans_plus_plus(feats, n_clusters, rng))
     floors = {n: max(NOISE_SCALE_MIN**2, 1e-6 * float(v[m[n]].var())) for n, v in y.items()}
+    if not all(e.is_linear for e in experts.values()):
+        max_iter = min(max_iter, 50)
     best: EMResult | None = None
     for assign in starts:
         resp = torch.nn.functional.one_hot(
             torch.as_tensor(assign, device=device), n_clusters
         ).double()
-        result = _em_from_responsibilities(resp, y, m, designs, any_observed, floors, max_iter, tol)
+        result = _em_from_responsibilities(
+            resp, y, m, experts, t, any_observed, floors, max_iter, tol
+        )
         if best is None or result.log_likelihood > best.log_likelihood:
             best = result
     assert best is not None
@@ -131,12 +147,15 @@ def _em_from_responsibilities(
     resp: torch.Tensor,
     y: Mapping[str, torch.Tensor],
     m: Mapping[str, torch.Tensor],
-    designs: Mapping[str, torch.Tensor],
+    experts: Mapping[str, PhysicsExpert],
+    t: Mapping[str, torch.Tensor],
     any_observed: torch.Tensor,
     floors: Mapping[str, float],
     max_iter: int,
     tol: float,
 ) -> EMResult:
+    designs = {n: experts[n].design_matrix(t[n]) for n in y if experts[n].is_linear}
+    theta: dict[str, torch.Tensor] = {}
     previous = -np.inf
     total = -np.inf
     n_iter = 0
@@ -144,17 +163,26 @@ def _em_from_responsibilities(
         # M-step
         weights = resp[any_observed].mean(0).clamp_min(1e-8)
         weights = weights / weights.sum()
-        theta, noise2 = {}, {}
+        noise2 = {}
         for name in y:
             w = resp * m[name][:, None]
-            theta[name], s2 = weighted_least_squares(designs[name], y[name], w)
+            if name in designs:
+                theta[name], s2 = weighted_least_squares(designs[name], y[name], w)
+            else:
+                if name not in theta:
+                    total_w = w.sum(0).clamp_min(1e-12)
+                    theta[name] = experts[name].initial_theta(
+                        (w.T @ y[name]) / total_w[:, None], t[name]
+                    )
+                theta[name], s2 = fit_weighted_nonlinear(
+                    experts[name], t[name], y[name], w, theta[name], steps=50
+                )
             noise2[name] = s2.clamp_min(floors[name])
         # E-step
         log_joint = torch.log(weights).expand(resp.shape).clone()
         for name in y:
-            ll = gaussian_curve_log_likelihood(
-                y[name], theta[name] @ designs[name].T, noise2[name].sqrt()
-            )
+            means = experts[name].expected_curve(theta[name], t[name])
+            ll = gaussian_curve_log_likelihood(y[name], means, noise2[name].sqrt())
             log_joint = log_joint + ll * m[name][:, None]
         log_norm = torch.logsumexp(log_joint, dim=1)
         resp = torch.exp(log_joint - log_norm[:, None])

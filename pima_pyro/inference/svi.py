@@ -177,8 +177,7 @@ def fit(
     # 1. physics first
     responsibilities = None
     physics = net.physics_names
-    linear = [p for p in physics if net.modalities[p].expert.is_linear]
-    if physics and len(linear) == len(physics):
+    if physics:
         em = physics_mixture_em(
             curves={p: full.values[p] for p in physics},
             masks={p: full.observed[p] for p in physics},

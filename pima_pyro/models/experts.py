@@ -23,7 +23,9 @@ per-cluster noise scales :math:`s \in \mathbb R_{>0}^K`. Experts that are *linea
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 
+import pyro.distributions as dist
 import torch
 from torch import nn
 
@@ -70,6 +72,22 @@ class PhysicsExpert(nn.Module):
     def expected_curve(self, theta: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """:math:`f(t; \\theta)` for ``theta`` of shape (..., P) and grid ``t`` (T,): (..., T)."""
         raise NotImplementedError
+
+    def prior(self) -> dist.Distribution:
+        """Prior on one cluster's theta, event shape (P,), for Bayesian globals and MCMC.
+
+        Default: independent :math:`\\mathcal N(0, 10^2)`, weak on the scale of typical curves.
+        """
+        zeros = torch.zeros(self.num_params)
+        return dist.Normal(zeros, 10.0 * torch.ones(self.num_params)).to_event(1)
+
+    def initial_theta(self, mean_curves: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Data-driven start for theta (K, P) from each cluster's mean curve (K, T).
+
+        Linear experts solve least squares; non-linear experts override this.
+        """
+        design = self.design_matrix(t).to(mean_curves)
+        return torch.linalg.lstsq(design, mean_curves.T).solution.T
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         """Per-cluster mean curves, (K, T)."""
@@ -169,3 +187,221 @@ def gaussian_curve_log_likelihood(
     sq = ((curves[:, None, :] - means[None]) ** 2).sum(-1)
     var = noise_scale**2
     return -0.5 * sq / var - 0.5 * num_points * (math.log(2 * math.pi) + torch.log(var))
+
+
+def fit_weighted_nonlinear(
+    expert: PhysicsExpert,
+    t: torch.Tensor,
+    curves: torch.Tensor,
+    weights: torch.Tensor,
+    theta_init: torch.Tensor,
+    steps: int = 100,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""The M-step of a non-linear expert: :math:`\arg\min_\theta \sum_n r_{nc}
+    \lVert y_n - f(t; \theta_c)\rVert^2` for all clusters at once by L-BFGS from ``theta_init``.
+
+    Only the weighted mean curve and total weight per cluster enter (the weighted sum of squares
+    equals :math:`W_c \lVert \bar y_c - f\rVert^2` plus a constant), so the cost is O(K T).
+    Returns ``theta`` (K, P) and the weighted residual variance ``s2`` (K,).
+    """
+    weight_sum = weights.sum(0).clamp_min(torch.finfo(curves.dtype).tiny)
+    mean_curves = (weights.T @ curves) / weight_sum[:, None]
+    # optimise theta / |theta_init| so that parameters of very different magnitude (a modulus
+    # of 1e2 beside a yield strain of 1e-2) are equally well conditioned
+    start = theta_init.detach()
+    magnitude = start.abs().clamp_min(1e-3 * float(start.abs().max().clamp_min(1e-12)))
+    unit = (start / magnitude).clone().requires_grad_(True)
+    optimizer = torch.optim.LBFGS([unit], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+    scale = mean_curves.pow(2).mean().clamp_min(1e-12)
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        resid = mean_curves - expert.expected_curve(unit * magnitude, t)
+        loss = (weight_sum[:, None] * resid**2).sum() / (weight_sum.sum() * scale)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    theta = (unit * magnitude).detach()
+    fitted = expert.expected_curve(theta, t)
+    sq_resid = ((curves[:, None, :] - fitted[None]) ** 2).sum(-1)
+    s2 = (weights * sq_resid).sum(0) / (weight_sum * curves.shape[-1])
+    return theta, s2
+
+
+class ExponentialDecay(PhysicsExpert):
+    r""":math:`f(t; A_c, k_c, C_c) = A_c e^{-k_c t} + C_c` (relaxation, decay of a signal).
+
+    The rate is parametrised as :math:`k = \mathrm{softplus}(\kappa)` so that it stays positive;
+    ``theta = (A, kappa, C)``.
+    """
+
+    param_names = ("amplitude", "rate_unconstrained", "offset")
+
+    def expected_curve(self, theta: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        rate = nn.functional.softplus(theta[..., 1:2])
+        return theta[..., :1] * torch.exp(-rate * t) + theta[..., 2:3]
+
+    @staticmethod
+    def rate(theta: torch.Tensor) -> torch.Tensor:
+        """The decay rate :math:`k` (positive) from theta (..., 3)."""
+        return nn.functional.softplus(theta[..., 1])
+
+    def initial_theta(self, mean_curves: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        # offset from the tail, then a log-linear fit of the head for A and k
+        t = t.to(mean_curves)
+        offset = mean_curves[:, -1:]
+        head = mean_curves - offset
+        amplitude = head[:, :1]
+        ratio = head / amplitude.where(amplitude.abs() > 1e-12, torch.ones_like(amplitude))
+        ratio = ratio.clamp(1e-3, 1.0)
+        span = (t[-1] - t[0]).clamp_min(1e-12)
+        half = t.shape[0] // 2
+        rate = (-torch.log(ratio[:, half]) / (t[half] - t[0]).clamp_min(1e-12)).clamp(
+            0.1 / span, 50.0 / span
+        )
+        kappa = rate + torch.log(-torch.expm1(-rate))  # inverse softplus
+        return torch.stack([amplitude[:, 0], kappa, offset[:, 0]], dim=-1)
+
+
+class BilinearStressStrain(PhysicsExpert):
+    r"""Elastic-plastic stress-strain curve, continuous at the yield point:
+
+    .. math::
+
+        f(\varepsilon) = E\,\varepsilon + (H - E)\, \rho_\beta(\varepsilon - \varepsilon_y),
+        \qquad \rho_\beta(u) = \tfrac1\beta \log(1 + e^{\beta u}),
+
+    i.e. slope :math:`E` (elastic) up to the yield strain :math:`\varepsilon_y`, slope :math:`H`
+    (hardening) after it. :math:`\rho_\beta` is a softplus that tends to :math:`\max(u, 0)` as
+    :math:`\beta \to \infty`; with :math:`\beta` finite the curve is smooth, so gradients in the
+    yield point exist everywhere (:math:`\partial f / \partial\varepsilon_y = -(H - E)
+    \sigma(\beta(\varepsilon - \varepsilon_y))`). ``sharpness`` is :math:`\beta` times the grid
+    span (default 200: the kink is rounded over 0.5% of the grid). ``theta = (E, eps_y, H)``.
+    """
+
+    param_names = ("elastic_modulus", "yield_strain", "hardening_modulus")
+
+    def __init__(self, sharpness: float = 200.0) -> None:
+        super().__init__()
+        if sharpness <= 0:
+            raise ValueError(f"BilinearStressStrain: sharpness must be > 0, got {sharpness}")
+        self.sharpness = sharpness
+
+    def expected_curve(self, theta: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        span = (t[-1] - t[0]).clamp_min(1e-12)
+        beta = self.sharpness / span
+        elastic, yield_strain, hardening = theta[..., :1], theta[..., 1:2], theta[..., 2:3]
+        plastic = nn.functional.softplus(beta * (t - yield_strain)) / beta
+        return elastic * t + (hardening - elastic) * plastic
+
+    def initial_theta(self, mean_curves: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        # try every grid point as the kink, keep the best two-slope least-squares fit
+        t = t.to(mean_curves)
+        best_err = torch.full((mean_curves.shape[0],), float("inf"), dtype=t.dtype)
+        best = torch.zeros(mean_curves.shape[0], 3, dtype=t.dtype)
+        for j in range(2, t.shape[0] - 2):
+            ey = t[j]
+            design = torch.stack([t.clamp(max=ey), (t - ey).clamp(min=0)], dim=-1)
+            sol = torch.linalg.lstsq(design, mean_curves.T).solution.T  # (K, 2): E, H
+            err = ((mean_curves - sol @ design.T) ** 2).sum(-1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            cand = torch.stack([sol[:, 0], ey.expand(sol.shape[0]), sol[:, 1]], dim=-1)
+            best = torch.where(better[:, None], cand, best)
+        return best
+
+
+class Custom(PhysicsExpert):
+    r"""Any torch function :math:`f(t; \theta)` of named parameters.
+
+    Args:
+        fn: ``fn(t, **params) -> (..., T)`` where each ``params[name]`` has shape
+            ``(..., *param_shapes[name])`` and ``t`` has shape (T,). Use broadcasting against
+            ``t`` (e.g. ``params["a"] * t`` with ``a`` of shape (..., 1)).
+        param_shapes: ``name -> shape`` of each parameter; a scalar is ``(1,)``.
+        priors: optional ``name -> Distribution`` with event shape ``param_shapes[name]``
+            (default: :math:`\mathcal N(0, 10^2)` on every entry).
+        init: optional ``name -> tensor`` start (default: zeros).
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., torch.Tensor],
+        param_shapes: Mapping[str, tuple[int, ...]],
+        priors: Mapping[str, dist.Distribution] | None = None,
+        init: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        if not callable(fn):
+            raise TypeError(f"Custom: fn must be callable, got {type(fn).__name__}")
+        if not param_shapes:
+            raise ValueError("Custom: param_shapes must name at least one parameter")
+        self.fn = fn
+        self.param_shapes = {k: tuple(v) for k, v in param_shapes.items()}
+        self.sizes = {k: math.prod(v) for k, v in self.param_shapes.items()}
+        self.param_names = tuple(
+            name if self.sizes[name] == 1 else f"{name}[{i}]"
+            for name in self.param_shapes
+            for i in range(self.sizes[name])
+        )
+        self.priors = dict(priors or {})
+        unknown = set(self.priors) - set(self.param_shapes)
+        if unknown:
+            raise ValueError(f"Custom: priors name unknown parameters {sorted(unknown)}")
+        self.init = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in (init or {}).items()}
+        super().__init__()
+
+    def unpack(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Split theta (..., P) into the named parameters with their shapes."""
+        out, start = {}, 0
+        for name, shape in self.param_shapes.items():
+            size = self.sizes[name]
+            out[name] = theta[..., start : start + size].reshape(*theta.shape[:-1], *shape)
+            start += size
+        return out
+
+    def expected_curve(self, theta: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.fn(t, **self.unpack(theta))
+
+    def prior(self) -> dist.Distribution:
+        if not self.priors:
+            return super().prior()
+        return _ConcatenatedPrior(self)
+
+    def initial_theta(self, mean_curves: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        parts = [
+            self.init.get(name, torch.zeros(self.sizes[name])).reshape(-1)
+            for name in self.param_shapes
+        ]
+        start = torch.cat(parts).to(mean_curves)
+        return start.expand(mean_curves.shape[0], -1).clone()
+
+
+class _ConcatenatedPrior(dist.TorchDistribution):
+    """Independent named priors of a :class:`Custom` expert as one distribution over (P,)."""
+
+    arg_constraints: dict = {}
+
+    def __init__(self, expert: Custom) -> None:
+        self.expert = expert
+        super().__init__(batch_shape=torch.Size(), event_shape=torch.Size([expert.num_params]))
+
+    def _part(self, name: str) -> dist.Distribution:
+        prior = self.expert.priors.get(name)
+        if prior is None:
+            shape = self.expert.param_shapes[name]
+            prior = dist.Normal(torch.zeros(shape), 10.0 * torch.ones(shape)).to_event(len(shape))
+        return prior
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        params = self.expert.unpack(value)
+        return sum(self._part(n).log_prob(v) for n, v in params.items())
+
+    def sample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> torch.Tensor:
+        sample_shape = torch.Size(sample_shape)
+        parts = [
+            self._part(n).sample(sample_shape).reshape(*sample_shape, -1)
+            for n in self.expert.param_shapes
+        ]
+        return torch.cat(parts, dim=-1)
