@@ -25,7 +25,7 @@ slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 lint: $(STAMP)
-	$(BIN)/ruff check pima_pyro tests
+	$(BIN)/ruff check pima_pyro tests benchmarks
 
 clean:
 	rm -rf $(VENV) demo_out

@@ -277,7 +277,7 @@ class PIMA:
             for name in net.physics_names:
                 expert = net.modalities[name].expert
                 out[name] = {
-                    "theta": expert.theta.cpu().numpy(),
+                    "theta": expert.theta.detach().cpu().numpy(),
                     "noise_scale": expert.noise_scale.cpu().numpy(),
                     "param_names": np.array(expert.param_names),
                 }

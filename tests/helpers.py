@@ -22,7 +22,7 @@ def tiny_module(n_clusters: int = 3, latent_dim: int = 2, seed: int = 0) -> PIMA
         net.mixture.logits.copy_(torch.randn(n_clusters))
         net.mixture.loc.copy_(2 * torch.randn(n_clusters, latent_dim))
         net.mixture.unconstrained_scale.copy_(torch.randn(n_clusters, latent_dim) * 0.3)
-        net.modalities["y"].expert.theta.copy_(3 * torch.randn(n_clusters, 2))
+        net.modalities["y"].expert.set_theta(3 * torch.randn(n_clusters, 2))
         net.modalities["y"].expert.unconstrained_noise.copy_(torch.randn(n_clusters) * 0.3)
         net.modalities["y"].grid.copy_(torch.linspace(0, 1, 5))
     return net

@@ -127,7 +127,7 @@ def test_posterior_is_a_distribution_and_permutation_equivariant(given):
             net.mixture.logits,
             net.mixture.loc,
             net.mixture.unconstrained_scale,
-            net.modalities["y"].expert.theta,
+            net.modalities["y"].expert.theta_unit,
             net.modalities["y"].expert.unconstrained_noise,
         ):
             param.copy_(param[perm])

@@ -189,7 +189,7 @@ def fit(
         )
         with torch.no_grad():
             for p in physics:
-                net.modalities[p].expert.theta.copy_(em.theta[p].to(dtype))
+                net.modalities[p].expert.set_theta(em.theta[p].to(dtype))
                 net.modalities[p].expert.set_noise_scale(em.noise_scale[p].to(dtype))
             net.mixture.logits.copy_(torch.log(em.weights).to(dtype))
         responsibilities = em.responsibilities

@@ -54,9 +54,30 @@ class PhysicsExpert(nn.Module):
     def bind(self, n_clusters: int) -> PhysicsExpert:
         """Create the per-cluster parameters for ``n_clusters`` clusters."""
         self.n_clusters = n_clusters
-        self.theta = nn.Parameter(torch.zeros(n_clusters, self.num_params))
+        self.theta_unit = nn.Parameter(torch.zeros(n_clusters, self.num_params))
+        self.register_buffer("theta_scale", torch.ones(self.num_params))
         self.unconstrained_noise = nn.Parameter(torch.zeros(n_clusters))
         return self
+
+    @property
+    def theta(self) -> torch.Tensor:
+        """Per-cluster parameters (K, P) = ``theta_unit * theta_scale``.
+
+        Adam moves every coordinate by about its learning rate per step, whatever its scale;
+        storing theta in units of its magnitude (set by :meth:`set_theta`) lets a yield strain
+        of 0.02 and a modulus of 200 train at the same relative speed.
+        """
+        return self.theta_unit * self.theta_scale
+
+    @torch.no_grad()
+    def set_theta(self, theta: torch.Tensor) -> None:
+        """Overwrite theta (K, P) and re-derive the per-parameter scale from its magnitude."""
+        theta = torch.as_tensor(theta, dtype=self.theta_unit.dtype, device=self.theta_unit.device)
+        magnitude = theta.abs().amax(0)
+        floor = 1e-3 * magnitude.max().clamp_min(1e-12)
+        scale = torch.maximum(magnitude, floor)
+        self.theta_scale.copy_(scale)
+        self.theta_unit.copy_(theta / scale)
 
     @property
     def noise_scale(self) -> torch.Tensor:
@@ -64,7 +85,8 @@ class PhysicsExpert(nn.Module):
         return nn.functional.softplus(self.unconstrained_noise) + NOISE_SCALE_MIN
 
     def set_noise_scale(self, scale: torch.Tensor) -> None:
-        scale = torch.as_tensor(scale, dtype=self.theta.dtype, device=self.theta.device)
+        p = self.unconstrained_noise
+        scale = torch.as_tensor(scale, dtype=p.dtype, device=p.device)
         excess = (scale - NOISE_SCALE_MIN).clamp_min(1e-6)
         with torch.no_grad():  # inverse softplus, stable for large values
             self.unconstrained_noise.copy_(excess + torch.log(-torch.expm1(-excess)))
