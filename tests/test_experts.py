@@ -238,3 +238,18 @@ def test_custom_rejects_bad_arguments():
         Custom(3, {"a": (1,)})
     with pytest.raises(ValueError, match="priors name unknown parameters"):
         Custom(lambda t, a: a * t, {"a": (1,)}, priors={"b": dist.Normal(0.0, 1.0)})
+
+
+def test_polynomial_mixture_recovered_by_em():
+    expert = Polynomial(2)
+    t = torch.linspace(-1, 1, 30, dtype=torch.float64)
+    truth = np.array([[0.5, -1.0, 2.0], [-0.5, 1.0, 0.0], [1.0, 0.0, -2.0]])
+    y, _ = _simulate(expert, truth, [0.1, 0.2, 0.1], t, 120, seed=5)
+    res = _em(expert, y, t, 3)
+    got = _sorted_by(res.theta["y"].numpy(), 2)
+    np.testing.assert_allclose(got, _sorted_by(truth, 2), atol=0.05)
+    np.testing.assert_allclose(
+        res.noise_scale["y"].numpy()[np.argsort(res.theta["y"].numpy()[:, 2])],
+        [0.1, 0.2, 0.1],  # ordered by the t^2 coefficient: -2, 0, 2
+        rtol=0.1,
+    )

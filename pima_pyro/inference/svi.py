@@ -25,15 +25,22 @@ modality alone in the right cluster.
 
 from __future__ import annotations
 
+import copy
 import math
+import os
+import random
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pyro
 import torch
+from pyro import poutine
 from pyro.infer import JitTraceEnum_ELBO, TraceEnum_ELBO
+from torch import nn
 from tqdm.auto import tqdm
 
 from pima_pyro.data import Batch, MultimodalData
@@ -54,11 +61,113 @@ class History:
 
     def as_dict(self) -> dict[str, object]:
         return {
-            "loss": self.loss,
-            "phase": self.phase,
-            "seconds": self.seconds,
+            "loss": list(self.loss),
+            "phase": list(self.phase),
+            "seconds": list(self.seconds),
             "em_log_likelihood": self.em_log_likelihood,
         }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> History:
+        return cls(
+            loss=list(d["loss"]),
+            phase=list(d["phase"]),
+            seconds=list(d["seconds"]),
+            em_log_likelihood=d.get("em_log_likelihood"),
+        )
+
+
+class NonFiniteELBOError(FloatingPointError):
+    """The ELBO became NaN or infinite during :func:`fit`."""
+
+
+#: Version of the checkpoint layout written by :func:`fit`.
+CHECKPOINT_FORMAT = 1
+
+
+def _atomic_save(obj: object, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _get_rng_state(gen: torch.Generator) -> dict[str, object]:
+    state: dict[str, object] = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "generator": gen.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict, gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    gen.set_state(state["generator"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def _snapshot(net: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator) -> dict:
+    return {
+        "module": copy.deepcopy(net.state_dict()),
+        "optimizer": copy.deepcopy(opt.state_dict()),
+        "rng": _get_rng_state(gen),
+    }
+
+
+def _restore(snapshot: dict, net: nn.Module, opt: torch.optim.Optimizer, gen) -> None:
+    net.load_state_dict(snapshot["module"])
+    opt.load_state_dict(copy.deepcopy(snapshot["optimizer"]))
+    _set_rng_state(snapshot["rng"], gen)
+
+
+def describe_nonfinite(net: PIMAModule, batch: Batch) -> str:
+    """Name the non-finite parameters, sites (``c``, ``z``, ``x_*``, ``y_*``) and gradients of
+    one ELBO evaluation on ``batch``."""
+    with pyro.validation_enabled(False):
+        return _describe_nonfinite(net, batch)
+
+
+def _describe_nonfinite(net: PIMAModule, batch: Batch) -> str:
+    bad_params = [n for n, p in net.named_parameters() if not bool(torch.isfinite(p).all())]
+    guide_trace = poutine.trace(guide).get_trace(net, batch)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(net, batch)
+    bad_sites = []
+    for label, trace in (("guide", guide_trace), ("model", model_trace)):
+        for name, node in trace.nodes.items():
+            if node["type"] != "sample":
+                continue
+            log_prob = node["fn"].log_prob(node["value"])
+            if not bool(torch.isfinite(log_prob).all()):
+                bad_sites.append(f"{name} ({label})")
+    loss = TraceEnum_ELBO(max_plate_nesting=MAX_PLATE_NESTING).differentiable_loss(
+        model, guide, net, batch
+    )
+    net.zero_grad(set_to_none=True)
+    bad_grads = []
+    if loss.requires_grad:
+        loss.backward()
+        bad_grads = [
+            n
+            for n, p in net.named_parameters()
+            if p.grad is not None and not bool(torch.isfinite(p.grad).all())
+        ]
+    net.zero_grad(set_to_none=True)
+    return (
+        f"non-finite sites {bad_sites or 'none'}; non-finite parameters {bad_params or 'none'}; "
+        f"parameters with non-finite gradients {bad_grads or 'none'}"
+    )
 
 
 def forget_registered_parameters(prefix: str = "pima") -> None:
@@ -138,6 +247,10 @@ def fit(
     em_starts: int = 5,
     clip_norm: float | None = 100.0,
     callback: Callable[[int, float], None] | None = None,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    checkpoint_every: int = 1,
+    resume: bool = False,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> History:
     """Train ``net`` on ``data`` in place; returns the :class:`History`.
 
@@ -153,11 +266,29 @@ def fit(
         seed: seeds torch, numpy and Pyro; same seed, data and device give the same result.
         num_threads: torch intra-op threads (``None`` leaves torch's setting).
         callback: called as ``callback(epoch, loss)`` after every epoch.
+        checkpoint_dir: write ``checkpoint.pt`` there (atomically: write, then rename) every
+            ``checkpoint_every`` epochs and at the end: module, optimiser, RNG states,
+            history, EM responsibilities.
+        resume: continue from ``checkpoint_dir/checkpoint.pt`` when it exists; the result equals
+            an uninterrupted run with the same settings (checked: the settings fingerprint must
+            match).
+        on_step: called as ``on_step(epoch, step)`` after every optimiser step (for tests and
+            instrumentation; it must not draw random numbers).
+
+    Raises:
+        NonFiniteELBOError: the loss became NaN/inf. The epoch is replayed to name the step, the
+            sites and the parameters involved; the last good parameters are restored (and
+            written to ``checkpoint_dir``); no non-finite value is ever written to disk.
     """
     if epochs < 1:
         raise ValueError(f"fit: epochs must be >= 1, got {epochs}")
     if batch_size < 1:
         raise ValueError(f"fit: batch_size must be >= 1, got {batch_size}")
+    if checkpoint_every < 1:
+        raise ValueError(f"fit: checkpoint_every must be >= 1, got {checkpoint_every}")
+    if resume and checkpoint_dir is None:
+        raise ValueError("fit: resume=True needs checkpoint_dir")
+    checkpoint_path = None if checkpoint_dir is None else Path(checkpoint_dir) / "checkpoint.pt"
     if num_threads is not None:
         torch.set_num_threads(num_threads)
     pyro.set_rng_seed(seed)
@@ -173,11 +304,38 @@ def fit(
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     history = History()
+    fingerprint = {
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "n_samples": n,
+        "jit": jit,
+        "subset_training": subset_training,
+        "modalities": list(net.modality_names),
+        "n_clusters": net.n_clusters,
+        "latent_dim": net.latent_dim,
+    }
+    resume_state = None
+    if resume and checkpoint_path is not None and checkpoint_path.exists():
+        resume_state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        if resume_state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"fit: {checkpoint_path} is not a pima-pyro checkpoint")
+        if resume_state["fingerprint"] != fingerprint:
+            raise ValueError(
+                f"fit: cannot resume from {checkpoint_path}: it was written with settings "
+                f"{resume_state['fingerprint']}, this call has {fingerprint}"
+            )
 
     # 1. physics first
     responsibilities = None
     physics = net.physics_names
-    if physics:
+    if resume_state is not None:
+        net.load_state_dict(resume_state["module"])
+        if resume_state["responsibilities"] is not None:
+            responsibilities = resume_state["responsibilities"].to(device)
+        warmup_epochs = resume_state["warmup_epochs"]
+    elif physics:
         em = physics_mixture_em(
             curves={p: full.values[p] for p in physics},
             masks={p: full.observed[p] for p in physics},
@@ -200,6 +358,7 @@ def fit(
         # without); without physics the GMM on warmed-up embeddings is the only start.
         warmup_epochs = 0 if responsibilities is not None else max(1, epochs // 10)
     warmup_epochs = max(0, min(warmup_epochs, epochs - 1))
+    assert warmup_epochs is not None
 
     if jit:
         elbo = JitTraceEnum_ELBO(max_plate_nesting=MAX_PLATE_NESTING, ignore_jit_warnings=True)
@@ -213,13 +372,14 @@ def fit(
     def is_frozen(param_name: str) -> bool:
         return any(param_name.startswith(prefix) for prefix in frozen_names)
 
-    if warmup_epochs > 0:
+    if warmup_epochs > 0 and resume_state is None:
         with torch.no_grad():
             net.mixture.set_parameters(
                 torch.softmax(net.mixture.logits, -1),
                 torch.zeros_like(net.mixture.loc),
                 torch.ones_like(net.mixture.loc),
             )
+    if warmup_epochs > 0:
         warm_params = [p for name, p in net.named_parameters() if not is_frozen(name)]
         optimizer = torch.optim.Adam(warm_params, lr=lr)
     else:
@@ -253,33 +413,95 @@ def fit(
     def flat_guide(*args: torch.Tensor) -> None:
         guide(net, unflatten(args))
 
-    def run_epoch(phase: str, opt: torch.optim.Optimizer) -> float:
-        start = time.perf_counter()
+    def train_step(batch: Batch, opt: torch.optim.Optimizer) -> torch.Tensor:
+        if jit:
+            loss = elbo.differentiable_loss(flat_model, flat_guide, *flat_args(batch)) / n
+        else:
+            loss = elbo.differentiable_loss(model, guide, net, batch) / n
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), clip_norm)
+        opt.step()
+        return loss.detach()
+
+    n_batches = n // batch_size if jit else math.ceil(n / batch_size)
+
+    def epoch_batches() -> list[torch.Tensor]:
         perm = torch.randperm(n, device=device, generator=gen)
-        n_batches = n // batch_size if jit else math.ceil(n / batch_size)
+        return [perm[b * batch_size : (b + 1) * batch_size] for b in range(n_batches)]
+
+    def run_epoch(epoch: int, phase: str, opt: torch.optim.Optimizer) -> tuple[float, int]:
+        """Returns the mean loss and the first non-finite step (-1 if none)."""
+        start = time.perf_counter()
         total = torch.zeros((), device=device, dtype=dtype)
-        for b in range(n_batches):
-            idx = perm[b * batch_size : (b + 1) * batch_size]
+        # tracked on the device: no host sync inside the loop
+        first_bad = torch.full((), -1, device=device, dtype=torch.long)
+        for b, idx in enumerate(epoch_batches()):
             batch = _slice_batch(full, idx, subset_training, gen)
-            if jit:
-                loss = elbo.differentiable_loss(flat_model, flat_guide, *flat_args(batch)) / n
-            else:
-                loss = elbo.differentiable_loss(model, guide, net, batch) / n
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if clip_norm is not None:
-                torch.nn.utils.clip_grad_norm_(net.parameters(), clip_norm)
-            opt.step()
-            total = total + loss.detach()
+            loss = train_step(batch, opt)
+            bad_now = (~torch.isfinite(loss)) & (first_bad < 0)
+            first_bad = torch.where(bad_now, torch.full_like(first_bad, b), first_bad)
+            total = total + loss
+            if on_step is not None:
+                on_step(epoch, b)
         value = float(total) / n_batches  # one sync per epoch
         history.loss.append(value)
         history.phase.append(phase)
         history.seconds.append(time.perf_counter() - start)
-        return value
+        return value, int(first_bad)
 
-    bar = tqdm(total=epochs, disable=not progress, desc="pima", unit="epoch")
+    def diagnose(epoch: int, bad_step: int, opt: torch.optim.Optimizer) -> str:
+        """Replay the epoch from its start up to ``bad_step`` and name what went non-finite."""
+        for b, idx in enumerate(epoch_batches()):
+            batch = _slice_batch(full, idx, subset_training, gen)
+            if b == bad_step:
+                return describe_nonfinite(net, batch)
+            train_step(batch, opt)
+            if on_step is not None:
+                on_step(epoch, b)
+        return "the replay did not reproduce it (non-deterministic kernels?)"
+
+    start_epoch = 0
+    if resume_state is not None:
+        start_epoch = int(resume_state["epoch"])
+        if start_epoch > warmup_epochs or warmup_epochs == 0:
+            optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+        if start_epoch != warmup_epochs or warmup_epochs == 0:
+            optimizer.load_state_dict(resume_state["optimizer"])
+        _set_rng_state(resume_state["rng"], gen)
+        history = History.from_dict(resume_state["history"])
+
+    def save(epoch_count: int, opt: torch.optim.Optimizer) -> None:
+        if checkpoint_path is None:
+            return
+        if not all(bool(torch.isfinite(v).all()) for v in net.state_dict().values()):
+            raise FloatingPointError("fit: refusing to write a checkpoint with non-finite values")
+        _atomic_save(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "fingerprint": fingerprint,
+                "epoch": epoch_count,
+                "warmup_epochs": warmup_epochs,
+                "module": net.state_dict(),
+                "optimizer": opt.state_dict(),
+                "responsibilities": None
+                if responsibilities is None
+                else responsibilities.detach().cpu(),
+                "history": history.as_dict(),
+                "rng": _get_rng_state(gen),
+            },
+            checkpoint_path,
+        )
+
+    bar = tqdm(total=epochs, initial=start_epoch, disable=not progress, desc="pima", unit="epoch")
+    # Inputs are validated once by MultimodalData; per-step distribution argument checks would
+    # cost a host sync each and turn a NaN into a ValueError deep inside torch instead of the
+    # diagnosed NonFiniteELBOError below.
+    validation = pyro.validation_enabled(False)
+    validation.__enter__()
     try:
-        for epoch in range(epochs):
+        for epoch in range(start_epoch, epochs):
             if epoch == warmup_epochs and warmup_epochs > 0:
                 # 3. mixture start from the embeddings
                 loc, log_var = embed(net, full)
@@ -289,16 +511,32 @@ def fit(
                 net.mixture.set_parameters(weights, mu, scale)
                 optimizer = torch.optim.Adam(net.parameters(), lr=lr)
             phase = "warmup" if epoch < warmup_epochs else "full"
-            value = run_epoch(phase, optimizer)
-            if not math.isfinite(value):
-                raise FloatingPointError(
-                    f"fit: the ELBO became non-finite at epoch {epoch} ({phase} phase)"
+            snapshot = _snapshot(net, optimizer, gen)
+            value, bad_step = run_epoch(epoch, phase, optimizer)
+            if bad_step >= 0 or not math.isfinite(value):
+                _restore(snapshot, net, optimizer, gen)
+                cause = diagnose(epoch, bad_step, optimizer) if bad_step >= 0 else "unknown"
+                _restore(snapshot, net, optimizer, gen)
+                history.loss.pop()
+                history.phase.pop()
+                history.seconds.pop()
+                saved = ""
+                if checkpoint_path is not None:
+                    save(epoch, optimizer)
+                    saved = f" and saved to {checkpoint_path}"
+                raise NonFiniteELBOError(
+                    f"fit: the ELBO became non-finite at epoch {epoch}, step {bad_step} "
+                    f"({phase} phase): {cause}. The parameters from the start of epoch {epoch} "
+                    f"(the last good state) were restored{saved}."
                 )
+            if (epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs:
+                save(epoch + 1, optimizer)
             bar.set_postfix(loss=f"{value:.4g}", phase=phase)
             bar.update(1)
             if callback is not None:
                 callback(epoch, value)
     finally:
+        validation.__exit__(None, None, None)
         bar.close()
     net.eval()
     return history

@@ -1,0 +1,127 @@
+"""Checkpoints, kill-and-resume, non-finite losses, determinism, save/load."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from pima_pyro import PIMA
+from pima_pyro.datasets import affine_modalities, digits_affine
+from pima_pyro.inference.svi import NonFiniteELBOError
+
+SETTINGS = dict(epochs=5, batch_size=64, seed=4, progress=False, num_threads=1)
+
+
+def _data():
+    return digits_affine(seed=0).subset(np.arange(300))
+
+
+def _model():
+    return PIMA(affine_modalities(hidden=(32,)), n_clusters=10, latent_dim=3)
+
+
+SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    import numpy as np, torch
+    torch.set_num_threads(1)
+    from pima_pyro import PIMA
+    from pima_pyro.datasets import affine_modalities, digits_affine
+    data = digits_affine(seed=0).subset(np.arange(300))
+    model = PIMA(affine_modalities(hidden=(32,)), n_clusters=10, latent_dim=3)
+    mode, ckpt, out = sys.argv[1], sys.argv[2], sys.argv[3]
+
+    def kill_mid_epoch(epoch, step):
+        if mode == "kill" and epoch == 2 and step == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    model.fit(data, epochs=5, batch_size=64, seed=4, progress=False, num_threads=1,
+              checkpoint_dir=ckpt, resume=(mode == "resume"), on_step=kill_mid_epoch)
+    torch.save(model.module.state_dict(), out)
+    """
+)
+
+
+def test_kill_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    ckpt, out = tmp_path / "ckpt", tmp_path / "resumed.pt"
+    killed = subprocess.run([sys.executable, str(script), "kill", str(ckpt), str(out)])
+    assert killed.returncode == -signal.SIGKILL
+    saved = torch.load(ckpt / "checkpoint.pt", weights_only=False)
+    assert saved["epoch"] == 2  # epochs 0 and 1 completed, epoch 2 was killed mid-way
+    resumed = subprocess.run([sys.executable, str(script), "resume", str(ckpt), str(out)])
+    assert resumed.returncode == 0
+    reference = _model()
+    reference.fit(_data(), **SETTINGS)
+    resumed_state = torch.load(out, weights_only=False)
+    max_diff = max(
+        (resumed_state[k] - v).abs().max().item() for k, v in reference.module.state_dict().items()
+    )
+    assert max_diff <= 1e-6
+    # the history of the resumed run covers all epochs
+    assert len(torch.load(ckpt / "checkpoint.pt", weights_only=False)["history"]["loss"]) == 5
+
+
+def test_resume_refuses_different_settings(tmp_path):
+    model = _model()
+    model.fit(_data(), checkpoint_dir=tmp_path, **SETTINGS)
+    other = _model()
+    with pytest.raises(ValueError, match="cannot resume"):
+        other.fit(_data(), checkpoint_dir=tmp_path, resume=True, **{**SETTINGS, "lr": 1e-4})
+    with pytest.raises(ValueError, match="resume=True needs checkpoint_dir"):
+        _model().fit(_data(), resume=True, **SETTINGS)
+
+
+def test_non_finite_elbo_names_step_and_parameter_and_never_writes_nan(tmp_path):
+    model = _model()
+
+    def poison(epoch, step):
+        if epoch == 1 and step == 2:
+            with torch.no_grad():
+                model.module.modalities["image"].decoder.body[0].weight[0, 0] = float("nan")
+
+    with pytest.raises(NonFiniteELBOError) as info:
+        model.fit(_data(), checkpoint_dir=tmp_path, on_step=poison, **SETTINGS)
+    message = str(info.value)
+    assert "epoch 1, step 3" in message
+    assert "modalities.image.decoder.body.0.weight" in message
+    assert "x_image (model)" in message
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert saved["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in saved["module"].values())
+    assert all(torch.isfinite(p).all() for p in model.module.parameters())
+
+
+def test_same_seed_same_result_different_seed_differs():
+    runs = []
+    for seed in (7, 7, 8):
+        model = _model()
+        model.fit(_data(), **{**SETTINGS, "epochs": 2, "seed": seed})
+        runs.append(model.module.state_dict())
+    for key in runs[0]:
+        assert torch.equal(runs[0][key], runs[1][key])
+    assert any(
+        not torch.equal(runs[0][k], runs[2][k]) for k in runs[0] if runs[0][k].is_floating_point()
+    )
+
+
+def test_saved_file_states_versions_and_loads_on_cpu(tmp_path):
+    model = _model()
+    model.fit(_data(), **{**SETTINGS, "epochs": 1})
+    model.save(tmp_path / "m.pt")
+    payload = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert set(payload["versions"]) == {"pima_pyro", "torch", "pyro"}
+    loaded = PIMA.load(tmp_path / "m.pt", map_location="cpu")
+    assert loaded.device.type == "cpu"
+    payload["format"] = 999
+    torch.save(payload, tmp_path / "future.pt")
+    with pytest.raises(ValueError, match="not a pima-pyro model file of format"):
+        PIMA.load(tmp_path / "future.pt")
+    assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave no temporaries
+    assert os.path.getsize(tmp_path / "m.pt") > 0
