@@ -48,7 +48,11 @@ def _as_array(name: str, field: str, value: object) -> np.ndarray:
             f"modality '{name}': {field} must be an array-like of numbers, "
             f"got {type(value).__name__}"
         ) from exc
-    if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+    if (
+        array.dtype == object
+        or np.issubdtype(array.dtype, np.complexfloating)
+        or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool)
+    ):
         raise TypeError(f"modality '{name}': {field} must be numeric, got dtype {array.dtype}")
     return array
 
@@ -121,6 +125,11 @@ class MultimodalData:
                     raise ValueError(
                         f"modality '{name}': mask must have shape ({array.shape[0]},), "
                         f"got {mask.shape}"
+                    )
+                if mask.dtype != bool and not np.all((mask == 0) | (mask == 1)):
+                    raise ValueError(
+                        f"modality '{name}': mask must be boolean (or 0/1), got values "
+                        f"{np.unique(mask)[:5].tolist()}"
                     )
                 mask = mask.astype(bool)
             else:

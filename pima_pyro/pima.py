@@ -98,6 +98,13 @@ class PIMA:
                         f"modality '{name}': BernoulliModality(continuous=False) needs 0/1 "
                         "values; use continuous=True for values in [0, 1]"
                     )
+            if self.module is not None and name in data.grids and self.module.is_physics(name):
+                trained = self.module.modalities[name].grid.cpu()
+                if not torch.allclose(data.grids[name], trained.to(data.grids[name].dtype)):
+                    raise ValueError(
+                        f"modality '{name}': grid differs from the grid the model was fitted on "
+                        f"(first points {trained[:3].tolist()} vs {data.grids[name][:3].tolist()})"
+                    )
             shape = spec.shape
             if shape is not None and data.feature_shape(name) != tuple(shape):
                 raise ValueError(
@@ -122,7 +129,23 @@ class PIMA:
                 )
         module = PIMAModule(self.specs, self.n_clusters, self.latent_dim, self.prior_expert)
         for name in module.physics_names:
-            module.modalities[name].grid.copy_(data.grids[name])
+            physics = module.modalities[name]
+            physics.grid.copy_(data.grids[name])
+            expert = physics.expert
+            try:
+                with torch.no_grad():
+                    curves = expert.expected_curve(expert.theta, physics.grid)
+            except Exception as exc:
+                raise ValueError(
+                    f"modality '{name}': expert {type(expert).__name__} failed on the grid of "
+                    f"{physics.grid.shape[0]} points: {exc}"
+                ) from exc
+            expected = (self.n_clusters, physics.grid.shape[0])
+            if tuple(curves.shape) != expected:
+                raise ValueError(
+                    f"modality '{name}': expert {type(expert).__name__} returns curves of shape "
+                    f"{tuple(curves.shape)}; expected {expected} (clusters, grid points)"
+                )
         return module
 
     def _require_fitted(self) -> PIMAModule:
@@ -164,6 +187,10 @@ class PIMA:
         **kwargs: object,
     ) -> History:
         """Fit by SVI with ``TraceEnum_ELBO``; see :func:`pima_pyro.inference.svi.fit`."""
+        if not isinstance(data, MultimodalData):
+            raise TypeError(f"fit: expected MultimodalData, got {type(data).__name__}")
+        if not (isinstance(lr, int | float) and lr > 0):
+            raise ValueError(f"fit: lr must be a positive number, got {lr!r}")
         if self.n_clusters > data.n_samples:
             raise ValueError(
                 f"PIMA: n_clusters={self.n_clusters} exceeds the {data.n_samples} samples"
@@ -195,6 +222,10 @@ class PIMA:
     ) -> np.ndarray:
         """p(c | x_S) for every sample, (N, K); ``given=None`` uses every modality."""
         net = self._require_fitted()
+        if not isinstance(num_samples, int) or num_samples < 0:
+            raise ValueError(
+                f"cluster_posterior: num_samples must be an int >= 0, got {num_samples!r}"
+            )
         given = self._resolve_given(data, given)
         batch = data.with_modalities(given).to_batch(self.device)
         gen = torch.Generator(device=self.device).manual_seed(seed)

@@ -1,6 +1,14 @@
 """What the model IS: the generative story, its guide and the pieces they are made of."""
 
-from pima_pyro.models.experts import Affine, LinearThroughOrigin, PhysicsExpert, Polynomial
+from pima_pyro.models.experts import (
+    Affine,
+    BilinearStressStrain,
+    Custom,
+    ExponentialDecay,
+    LinearThroughOrigin,
+    PhysicsExpert,
+    Polynomial,
+)
 from pima_pyro.models.generative import model
 from pima_pyro.models.guide import guide
 from pima_pyro.models.modalities import (
@@ -15,6 +23,9 @@ from pima_pyro.models.poe import poe_posterior
 __all__ = [
     "Affine",
     "BernoulliModality",
+    "BilinearStressStrain",
+    "Custom",
+    "ExponentialDecay",
     "GaussianModality",
     "LinearThroughOrigin",
     "Modality",

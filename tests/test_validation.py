@@ -1,0 +1,271 @@
+"""Every entry point rejects bad input with a ValueError/TypeError naming the modality/field.
+
+The table below is mirrored in docs/validation.md.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from pima_pyro import (
+    PIMA,
+    Custom,
+    GaussianModality,
+    LinearThroughOrigin,
+    MultimodalData,
+    PhysicsModality,
+)
+
+RNG = np.random.default_rng(0)
+IMAGES = RNG.random((12, 4, 4))
+CURVES = RNG.random((12, 6))
+GRID = np.linspace(0, 1, 6)
+
+
+def good_data(**overrides):
+    kwargs = dict(modalities={"image": IMAGES, "curve": CURVES}, grids={"curve": GRID})
+    kwargs.update(overrides)
+    return MultimodalData(**kwargs)
+
+
+def specs(**overrides):
+    out = {
+        "image": GaussianModality(shape=(4, 4), hidden=(8,)),
+        "curve": PhysicsModality(expert=LinearThroughOrigin(), hidden=(8,)),
+    }
+    out.update(overrides)
+    return out
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    model = PIMA(specs(), n_clusters=2, latent_dim=2)
+    model.fit(good_data(), epochs=1, progress=False)
+    return model
+
+
+def bad_output_shape(t, a):
+    return a * t[:-1]  # one point short of the grid
+
+
+CASES = [
+    # (id, callable, exception, message fragment)
+    (
+        "sample counts differ",
+        lambda m: MultimodalData({"image": IMAGES, "curve": CURVES[:5]}),
+        ValueError,
+        "modality 'curve': values have 5 samples but modality 'image' has 12",
+    ),
+    (
+        "NaN in observed values",
+        lambda m: MultimodalData({"curve": np.full((3, 6), np.nan)}),
+        ValueError,
+        "modality 'curve': values contain NaN or inf",
+    ),
+    (
+        "inf in observed values",
+        lambda m: MultimodalData({"curve": np.array([[0.0, np.inf]])}),
+        ValueError,
+        "modality 'curve': values contain NaN or inf",
+    ),
+    (
+        "string dtype",
+        lambda m: MultimodalData({"curve": np.array([["a", "b"]])}),
+        TypeError,
+        "modality 'curve': values must be numeric",
+    ),
+    (
+        "complex dtype",
+        lambda m: MultimodalData({"curve": np.ones((2, 2), dtype=complex)}),
+        TypeError,
+        "modality 'curve': values must be numeric",
+    ),
+    (
+        "empty data",
+        lambda m: MultimodalData({"curve": np.zeros((0, 6))}),
+        ValueError,
+        "modality 'curve': values are empty",
+    ),
+    ("no modalities", lambda m: MultimodalData({}), ValueError, "non-empty mapping"),
+    (
+        "mask of wrong length",
+        lambda m: good_data(masks={"image": np.ones(3, bool)}),
+        ValueError,
+        r"modality 'image': mask must have shape \(12,\)",
+    ),
+    (
+        "mask not boolean",
+        lambda m: good_data(masks={"image": np.full(12, 0.5)}),
+        ValueError,
+        "modality 'image': mask must be boolean",
+    ),
+    (
+        "mask for unknown modality",
+        lambda m: good_data(masks={"xrd": np.ones(12, bool)}),
+        ValueError,
+        r"masks name unknown modalities \['xrd'\]",
+    ),
+    (
+        "grid of wrong length",
+        lambda m: good_data(grids={"curve": GRID[:4]}),
+        ValueError,
+        r"modality 'curve': grid must have shape \(6,\)",
+    ),
+    (
+        "grid not increasing",
+        lambda m: good_data(grids={"curve": GRID[::-1]}),
+        ValueError,
+        "modality 'curve': grid must be finite and strictly increasing",
+    ),
+    (
+        "labels of wrong length",
+        lambda m: good_data(labels=np.zeros(3)),
+        ValueError,
+        r"labels: expected shape \(12,\)",
+    ),
+    ("n_clusters < 1", lambda m: PIMA(specs(), n_clusters=0), ValueError, "n_clusters must be"),
+    (
+        "n_clusters > n_samples",
+        lambda m: PIMA(specs(), n_clusters=50).fit(good_data(), epochs=1),
+        ValueError,
+        "n_clusters=50 exceeds the 12 samples",
+    ),
+    ("latent_dim < 1", lambda m: PIMA(specs(), latent_dim=0), ValueError, "latent_dim must be"),
+    (
+        "spec of wrong type",
+        lambda m: PIMA({"image": "gaussian"}),
+        TypeError,
+        "modality 'image': expected a Modality spec",
+    ),
+    (
+        "physics modality without expert",
+        lambda m: PIMA({"curve": PhysicsModality()}),
+        TypeError,
+        "modality 'curve': a PhysicsModality needs expert",
+    ),
+    (
+        "unknown network",
+        lambda m: PIMA(specs(image=GaussianModality(network="vit"))),
+        ValueError,
+        "modality 'image': network must be one of",
+    ),
+    (
+        "negative likelihood scale",
+        lambda m: PIMA(specs(image=GaussianModality(scale=0.0))),
+        ValueError,
+        "modality 'image': scale must be a positive float",
+    ),
+    (
+        "feature shape mismatch",
+        lambda m: PIMA(specs(image=GaussianModality(shape=(5, 5))), n_clusters=2).fit(
+            good_data(), epochs=1
+        ),
+        ValueError,
+        r"modality 'image': feature shape \(5, 5\) expected, data has \(4, 4\)",
+    ),
+    (
+        "physics grid missing",
+        lambda m: PIMA(specs(), n_clusters=2).fit(good_data(grids={}), epochs=1),
+        ValueError,
+        "modality 'curve': a physics modality needs its grid",
+    ),
+    (
+        "expert output does not match grid",
+        lambda m: PIMA(
+            specs(curve=PhysicsModality(expert=Custom(bad_output_shape, {"a": (1,)}))), n_clusters=2
+        ).fit(good_data(), epochs=1),
+        ValueError,
+        r"modality 'curve': expert Custom returns curves of shape \(2, 5\); expected \(2, 6\)",
+    ),
+    (
+        "modality missing from data",
+        lambda m: PIMA(specs(), n_clusters=2).fit(MultimodalData({"image": IMAGES}), epochs=1),
+        ValueError,
+        "modality 'curve': missing from the data",
+    ),
+    (
+        "fit on a non-data object",
+        lambda m: PIMA(specs()).fit({"image": IMAGES}),
+        TypeError,
+        "fit: expected MultimodalData",
+    ),
+    (
+        "epochs < 1",
+        lambda m: PIMA(specs(), n_clusters=2).fit(good_data(), epochs=0),
+        ValueError,
+        "fit: epochs must be >= 1",
+    ),
+    (
+        "non-positive learning rate",
+        lambda m: PIMA(specs(), n_clusters=2).fit(good_data(), lr=-1.0),
+        ValueError,
+        "fit: lr must be a positive number",
+    ),
+    (
+        "unknown modality in given",
+        lambda m: m.cluster_posterior(good_data(), given=["xrd"]),
+        ValueError,
+        "given: unknown modality 'xrd'",
+    ),
+    (
+        "given modality absent from data",
+        lambda m: m.cluster_posterior(MultimodalData({"image": IMAGES}), given=["curve"]),
+        ValueError,
+        "given: modality 'curve' is not in the data",
+    ),
+    (
+        "negative num_samples",
+        lambda m: m.cluster_posterior(good_data(), num_samples=-1),
+        ValueError,
+        "cluster_posterior: num_samples must be an int >= 0",
+    ),
+    (
+        "unknown prediction target",
+        lambda m: m.predict(good_data(), given=["image"], target="xrd"),
+        ValueError,
+        "target: unknown modality 'xrd'",
+    ),
+    (
+        "interval outside (0, 1)",
+        lambda m: m.predict(good_data(), given=["image"], target="curve", interval=1.5),
+        ValueError,
+        "predict: interval must be in",
+    ),
+    (
+        "query grid differs from the fitted grid",
+        lambda m: m.cluster_posterior(good_data(grids={"curve": GRID * 2}), given=["curve"]),
+        ValueError,
+        "modality 'curve': grid differs from the grid the model was fitted on",
+    ),
+    (
+        "query feature shape differs",
+        lambda m: m.get_latent_representation(
+            MultimodalData({"image": RNG.random((3, 5, 5))}), given=["image"]
+        ),
+        ValueError,
+        r"modality 'image': feature shape \(4, 4\) expected",
+    ),
+    (
+        "query before fit",
+        lambda m: PIMA(specs()).cluster_posterior(good_data()),
+        RuntimeError,
+        "call fit",
+    ),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(case, fitted):
+    _, call, exc, fragment = case
+    with pytest.raises(exc, match=fragment):
+        call(fitted)
+
+
+def test_table_is_large_enough():
+    assert len(CASES) >= 20
+
+
+def test_load_refuses_wrong_file(tmp_path):
+    torch.save([1, 2, 3], tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="is not a pima-pyro model file"):
+        PIMA.load(tmp_path / "x.pt")
