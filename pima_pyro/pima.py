@@ -43,6 +43,9 @@ class PIMA:
         n_clusters: number of mixture components K (>= 1).
         latent_dim: size of the latent z (>= 1).
         prior_expert: include the N(0, I) expert in the product of experts.
+        bayesian_globals: put priors on pi (Dirichlet) and on every physics expert's theta and
+            noise scale, and fit a mean-field guide for them beside the amortised PoE guide, so
+            that :meth:`to_arviz` holds real posterior draws of the physics parameters.
     """
 
     def __init__(
@@ -51,6 +54,7 @@ class PIMA:
         n_clusters: int = 10,
         latent_dim: int = 4,
         prior_expert: bool = True,
+        bayesian_globals: bool = False,
     ) -> None:
         if not isinstance(modalities, Mapping) or not modalities:
             raise ValueError("PIMA: modalities must be a non-empty mapping name -> Modality spec")
@@ -69,6 +73,7 @@ class PIMA:
         self.n_clusters = n_clusters
         self.latent_dim = latent_dim
         self.prior_expert = prior_expert
+        self.bayesian_globals = bayesian_globals
         self.module: PIMAModule | None = None
         self.history: History | None = None
 
@@ -127,7 +132,13 @@ class PIMA:
                     f"modality '{name}': a physics modality needs its grid t in "
                     "MultimodalData(grids={...})"
                 )
-        module = PIMAModule(self.specs, self.n_clusters, self.latent_dim, self.prior_expert)
+        module = PIMAModule(
+            self.specs,
+            self.n_clusters,
+            self.latent_dim,
+            self.prior_expert,
+            bayesian_globals=self.bayesian_globals,
+        )
         for name in module.physics_names:
             physics = module.modalities[name]
             physics.grid.copy_(data.grids[name])
@@ -329,6 +340,7 @@ class PIMA:
             "n_clusters": self.n_clusters,
             "latent_dim": self.latent_dim,
             "prior_expert": self.prior_expert,
+            "bayesian_globals": self.bayesian_globals,
             "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
             "history": None if self.history is None else self.history.as_dict(),
         }
@@ -348,10 +360,18 @@ class PIMA:
                 f"PIMA.load: {path} is not a pima-pyro model file of format {SAVE_FORMAT}"
             )
         model = cls(
-            payload["specs"], payload["n_clusters"], payload["latent_dim"], payload["prior_expert"]
+            payload["specs"],
+            payload["n_clusters"],
+            payload["latent_dim"],
+            payload["prior_expert"],
+            bayesian_globals=payload.get("bayesian_globals", False),
         )
         model.module = PIMAModule(
-            model.specs, model.n_clusters, model.latent_dim, model.prior_expert
+            model.specs,
+            model.n_clusters,
+            model.latent_dim,
+            model.prior_expert,
+            bayesian_globals=model.bayesian_globals,
         )
         model.module.load_state_dict(payload["state_dict"])
         model.module.to(resolve_device(map_location)).eval()

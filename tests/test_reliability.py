@@ -63,6 +63,7 @@ def test_kill_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path):
     max_diff = max(
         (resumed_state[k] - v).abs().max().item() for k, v in reference.module.state_dict().items()
     )
+    print(f"resume max abs diff: {max_diff:.3g}")
     assert max_diff <= 1e-6
     # the history of the resumed run covers all epochs
     assert len(torch.load(ckpt / "checkpoint.pt", weights_only=False)["history"]["loss"]) == 5

@@ -91,7 +91,7 @@ def cluster_log_posterior(
     for sl in _chunks(batch.size, chunk):
         size = sl.stop - sl.start
         device = batch.indices.device
-        log_prior = torch.log_softmax(mixture.logits, -1)
+        log_prior = net.plug_in_logits()
         if data_given:
             values = {n: batch.values[n][sl] for n in data_given}
             masks = {n: batch.observed[n][sl] for n in data_given}
@@ -103,7 +103,7 @@ def cluster_log_posterior(
                 z = loc + torch.exp(0.5 * log_var) * eps  # (S, n, D)
             else:
                 z = loc.unsqueeze(0)
-            log_pc_z = torch.log_softmax(mixture.component_log_prob(z), -1)  # (S, n, K)
+            log_pc_z = torch.log_softmax(mixture.component_log_prob(z, log_prior), -1)  # (S, n, K)
             log_pc = torch.logsumexp(log_pc_z, 0) - math.log(z.shape[0])
             # samples with none of the data modalities observed fall back to the prior
             has_data = torch.stack([masks[n] for n in data_given]).any(0)

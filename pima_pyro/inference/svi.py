@@ -350,6 +350,10 @@ def fit(
                 net.modalities[p].expert.set_theta(em.theta[p].to(dtype))
                 net.modalities[p].expert.set_noise_scale(em.noise_scale[p].to(dtype))
             net.mixture.logits.copy_(torch.log(em.weights).to(dtype))
+        counts = {
+            p: (em.responsibilities * full.observed[p][:, None]).sum(0).to(dtype) for p in physics
+        }
+        net.init_global_guide(em.weights, n, counts)
         responsibilities = em.responsibilities
         history.em_log_likelihood = em.log_likelihood
     if warmup_epochs is None:

@@ -100,8 +100,13 @@ class PhysicsExpert(nn.Module):
 
         Default: independent :math:`\\mathcal N(0, 10^2)`, weak on the scale of typical curves.
         """
-        zeros = torch.zeros(self.num_params)
-        return dist.Normal(zeros, 10.0 * torch.ones(self.num_params)).to_event(1)
+        ref = getattr(self, "theta_unit", None)
+        zeros = torch.zeros(
+            self.num_params,
+            device=None if ref is None else ref.device,
+            dtype=None if ref is None else ref.dtype,
+        )
+        return dist.Normal(zeros, 10.0 + zeros).to_event(1)
 
     def initial_theta(self, mean_curves: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Data-driven start for theta (K, P) from each cluster's mean curve (K, T).

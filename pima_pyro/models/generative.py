@@ -13,12 +13,18 @@ A modality absent for sample :math:`n` is masked out of the likelihood (``poutin
 imputed. Under ``TraceEnum_ELBO`` the site ``c`` is summed out exactly, so the physics likelihood
 shapes the cluster posterior together with :math:`p(z \mid c)`. Sites: ``c``, ``z``,
 ``x_<name>`` (data modalities) and ``y_<name>`` (physics modalities).
+
+With ``net.bayesian_globals`` the globals are random too (outside the plate):
+:math:`\pi \sim \mathrm{Dirichlet}(\alpha)`, :math:`\theta_{mc} \sim p_m(\theta)` (the
+expert's prior), :math:`s_{mc} \sim \mathrm{LogNormal}(0, \tau^2)`; sites ``pi``,
+``theta_<name>``, ``noise_<name>``.
 """
 
 from __future__ import annotations
 
 import pyro
 import pyro.distributions as dist
+import torch
 from pyro import poutine
 
 from pima_pyro.data import Batch
@@ -37,17 +43,23 @@ def model(net: PIMAModule, batch: Batch) -> None:
     """Score every observed modality of ``batch`` under the PIMA generative story."""
     pyro.module("pima", net)
     mixture = net.mixture
+    logits = mixture.logits
+    globals_: dict[str, torch.Tensor] = {}
+    if net.bayesian_globals:
+        for site, prior in net.global_prior_sites():
+            globals_[site] = pyro.sample(site, prior)
+        logits = torch.log(globals_["pi"].clamp_min(torch.finfo(logits.dtype).tiny))
     with pyro.plate("data", size=batch.n_total, subsample=batch.indices):
-        c = pyro.sample(
-            "c", dist.Categorical(logits=mixture.logits), infer={"enumerate": "parallel"}
-        )
+        c = pyro.sample("c", dist.Categorical(logits=logits), infer={"enumerate": "parallel"})
         z = pyro.sample("z", dist.Normal(mixture.loc[c], mixture.scale[c]).to_event(1))
         for name in net.modality_names:
             module = net.modalities[name]
             observed = batch.values.get(name)
             mask = batch.observed.get(name)
             if net.is_physics(name):
-                likelihood = module.likelihood(c)
+                likelihood = module.likelihood(
+                    c, globals_.get(f"theta_{name}"), globals_.get(f"noise_{name}")
+                )
             else:
                 likelihood = module.likelihood(z)
             with poutine.mask(mask=mask):

@@ -60,6 +60,9 @@ def encode(
 def guide(net: PIMAModule, batch: Batch) -> None:
     """Sample ``z`` from the PoE of the modalities in ``batch.encode`` (default: observed)."""
     pyro.module("pima", net)
+    if net.bayesian_globals:
+        for site, q in net.global_guide_sites():
+            pyro.sample(site, q)
     masks = batch.encode if batch.encode is not None else batch.observed
     loc, log_var = encode(net, batch.values, masks)
     with pyro.plate("data", size=batch.n_total, subsample=batch.indices):

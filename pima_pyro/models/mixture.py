@@ -58,10 +58,17 @@ class GaussianMixturePrior(nn.Module):
         scale = torch.as_tensor(scale, dtype=p.dtype, device=p.device)
         self.unconstrained_scale.copy_(_inverse_softplus((scale - SCALE_MIN).clamp_min(1e-4)))
 
-    def component_log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        r""":math:`\log \pi_c + \log \mathcal N(z; \mu_c, \sigma_c^2)` for z (..., D): (..., K)."""
+    def component_log_prob(
+        self, z: torch.Tensor, log_weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        r""":math:`\log \pi_c + \log \mathcal N(z; \mu_c, \sigma_c^2)` for z (..., D): (..., K).
+
+        ``log_weights`` replaces :math:`\log\pi` (e.g. a posterior mean under Bayesian globals).
+        """
         scale = self.scale
         diff = (z.unsqueeze(-2) - self.loc) / scale
         log_norm = -0.5 * (diff**2).sum(-1) - torch.log(scale).sum(-1)
         log_norm = log_norm - 0.5 * self.latent_dim * math.log(2 * math.pi)
-        return torch.log_softmax(self.logits, -1) + log_norm
+        if log_weights is None:
+            log_weights = torch.log_softmax(self.logits, -1)
+        return log_weights + log_norm

@@ -207,10 +207,20 @@ class PhysicsModalityModule(nn.Module):
         """:math:`f(t; \\theta_c)` for every cluster: (K, T)."""
         return self.expert(self.grid)
 
-    def likelihood(self, c: torch.Tensor | None = None) -> dist.Distribution:
-        """:math:`p(y \\mid c)`; with ``c=None`` a batch over all K clusters."""
-        means = self.cluster_means()
-        scale = self.expert.noise_scale
+    def likelihood(
+        self,
+        c: torch.Tensor | None = None,
+        theta: torch.Tensor | None = None,
+        noise_scale: torch.Tensor | None = None,
+    ) -> dist.Distribution:
+        """:math:`p(y \\mid c)`; with ``c=None`` a batch over all K clusters.
+
+        ``theta`` (K, P) and ``noise_scale`` (K,) default to the expert's point estimates (pass
+        sampled values under Bayesian globals).
+        """
+        theta = self.expert.theta if theta is None else theta
+        means = self.expert.expected_curve(theta, self.grid)
+        scale = self.expert.noise_scale if noise_scale is None else noise_scale
         if c is not None:
             means, scale = means[c], scale[c]
         return dist.Normal(means, scale.unsqueeze(-1).expand_as(means)).to_event(1)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import pyro.distributions as dist
+import torch
 from torch import nn
 
 from pima_pyro.models.mixture import GaussianMixturePrior
@@ -30,16 +32,122 @@ class PIMAModule(nn.Module):
         n_clusters: int,
         latent_dim: int,
         prior_expert: bool = True,
+        bayesian_globals: bool = False,
+        dirichlet_concentration: float = 1.0,
+        noise_prior_scale: float = 2.0,
     ) -> None:
         super().__init__()
         self.n_clusters = n_clusters
         self.latent_dim = latent_dim
         self.prior_expert = prior_expert
+        self.bayesian_globals = bayesian_globals
+        self.dirichlet_concentration = dirichlet_concentration
+        self.noise_prior_scale = noise_prior_scale
         self.modality_names: tuple[str, ...] = tuple(modalities)
         self.modalities = nn.ModuleDict(
             {name: spec.build(name, latent_dim, n_clusters) for name, spec in modalities.items()}
         )
         self.mixture = GaussianMixturePrior(n_clusters, latent_dim)
+        if bayesian_globals:
+            # mean-field guide over pi and every expert's (theta, noise); the point-estimate
+            # parameters (mixture.logits, expert.theta, expert.noise_scale) serve as its centre
+            self.q_pi_log_concentration = nn.Parameter(torch.zeros(n_clusters))
+            for name in self.physics_names:
+                expert = self.modalities[name].expert
+                expert.q_theta_log_sd = nn.Parameter(
+                    torch.full((n_clusters, expert.num_params), -4.0)
+                )
+                expert.q_noise_log_sd = nn.Parameter(torch.full((n_clusters,), -4.0))
+
+    # ---- Bayesian globals --------------------------------------------------------------------
+    def global_prior_sites(self) -> list[tuple[str, dist.Distribution]]:
+        r"""Priors of the global sites: ``pi`` ~ Dirichlet(alpha), ``theta_<m>`` ~ the expert's
+        prior for each cluster, ``noise_<m>`` ~ LogNormal(0, noise_prior_scale) per cluster."""
+        ref = self.mixture.loc
+        k = self.n_clusters
+        sites = [
+            (
+                "pi",
+                dist.Dirichlet(
+                    torch.full(
+                        (k,), self.dirichlet_concentration, dtype=ref.dtype, device=ref.device
+                    )
+                ),
+            )
+        ]
+        for name in self.physics_names:
+            expert = self.modalities[name].expert
+            sites.append((f"theta_{name}", expert.prior().expand([k]).to_event(1)))
+            zeros = torch.zeros(k, dtype=ref.dtype, device=ref.device)
+            sites.append(
+                (f"noise_{name}", dist.LogNormal(zeros, self.noise_prior_scale + zeros).to_event(1))
+            )
+        return sites
+
+    def global_guide_sites(self) -> list[tuple[str, dist.Distribution]]:
+        """The mean-field guide's distribution for each global site."""
+        concentration = torch.exp(self.q_pi_log_concentration).clamp(1e-3, 1e8)
+        sites: list[tuple[str, dist.Distribution]] = [("pi", dist.Dirichlet(concentration))]
+        for name in self.physics_names:
+            expert = self.modalities[name].expert
+            theta_sd = torch.exp(expert.q_theta_log_sd) * expert.theta_scale
+            sites.append((f"theta_{name}", dist.Normal(expert.theta, theta_sd).to_event(2)))
+            noise_sd = torch.exp(expert.q_noise_log_sd)
+            sites.append(
+                (
+                    f"noise_{name}",
+                    dist.LogNormal(torch.log(expert.noise_scale), noise_sd).to_event(1),
+                )
+            )
+        return sites
+
+    @torch.no_grad()
+    def init_global_guide(
+        self, weights: torch.Tensor, n_samples: int, counts: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        r"""Start the mean-field guide at a Laplace approximation around the current estimates.
+
+        pi: Dirichlet with concentration :math:`\alpha + N \pi`. theta of cluster c: standard
+        deviations :math:`s_c \sqrt{\operatorname{diag}(J^\top J)^{-1} / N_c}` with
+        :math:`J = \partial f / \partial\theta` on the grid and :math:`N_c` the cluster's
+        (responsibility-weighted) count in ``counts[name]``; log noise:
+        :math:`1 / \sqrt{2 N_c T}`.
+        """
+        if not self.bayesian_globals:
+            return
+        conc = self.dirichlet_concentration + n_samples * weights.to(self.mixture.loc)
+        self.q_pi_log_concentration.copy_(torch.log(conc))
+        if counts is None:
+            return
+        for name in self.physics_names:
+            module = self.modalities[name]
+            expert = module.expert
+            n_c = counts[name].to(expert.theta_unit).clamp_min(1.0)
+            grid = module.grid
+            with torch.enable_grad():
+                jac = torch.stack(
+                    [
+                        torch.autograd.functional.jacobian(
+                            lambda th, e=expert, g=grid: e.expected_curve(th, g),
+                            expert.theta[c].detach(),
+                        )
+                        for c in range(self.n_clusters)
+                    ]
+                )  # (K, T, P)
+            gram = jac.transpose(1, 2) @ jac
+            eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+            gram = gram + 1e-9 * gram.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] * eye
+            var = torch.linalg.inv(gram).diagonal(dim1=1, dim2=2)
+            var = var * expert.noise_scale[:, None] ** 2 / n_c[:, None]
+            sd_units = var.clamp_min(1e-30).sqrt() / expert.theta_scale
+            expert.q_theta_log_sd.copy_(torch.log(sd_units))
+            expert.q_noise_log_sd.copy_(-0.5 * torch.log(2 * n_c * grid.shape[0]))
+
+    def plug_in_logits(self) -> torch.Tensor:
+        """log pi used by queries: the guide's mean under Bayesian globals, else the estimate."""
+        if self.bayesian_globals:
+            return torch.log_softmax(self.q_pi_log_concentration, -1)
+        return torch.log_softmax(self.mixture.logits, -1)
 
     @property
     def physics_names(self) -> tuple[str, ...]:
