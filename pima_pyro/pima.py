@@ -8,12 +8,16 @@ import os
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyro
 import torch
+import xarray as xr
 
 from pima_pyro.data import MultimodalData
+from pima_pyro.inference.export import to_arviz, to_datatree
+from pima_pyro.inference.mcmc import MCMCResult, physics_mcmc
 from pima_pyro.inference.posterior import (
     Prediction,
     cluster_log_posterior,
@@ -300,6 +304,61 @@ class PIMA:
             interval=interval,
         )
 
+    # ---- export and MCMC ---------------------------------------------------------------------
+    def to_datatree(
+        self,
+        data: MultimodalData,
+        num_samples: int = 500,
+        seed: int = 0,
+        posterior_predictive: bool = True,
+    ) -> xr.DataTree:
+        """The ArviZ-schema ``xarray.DataTree`` (see :mod:`pima_pyro.inference.export`)."""
+        net = self._require_fitted()
+        self._check_data(data)
+        return to_datatree(net, data, num_samples, seed, posterior_predictive)
+
+    def to_arviz(
+        self,
+        data: MultimodalData,
+        num_samples: int = 500,
+        seed: int = 0,
+        posterior_predictive: bool = True,
+    ) -> Any:
+        """:meth:`to_datatree` in the installed ArviZ's type (DataTree for ArviZ >= 1.0,
+        ``InferenceData`` for 0.x)."""
+        return to_arviz(self.to_datatree(data, num_samples, seed, posterior_predictive))
+
+    def sample_physics_posterior(
+        self,
+        data: MultimodalData,
+        num_samples: int = 500,
+        warmup_steps: int = 500,
+        num_chains: int = 4,
+        seed: int = 0,
+        order_by: tuple[str, int] | None = None,
+    ) -> MCMCResult:
+        """NUTS over (pi, theta, noise) of the physics experts given the curves in ``data``,
+        started at the fitted estimates (:func:`pima_pyro.inference.mcmc.physics_mcmc`)."""
+        net = self._require_fitted()
+        physics = list(net.physics_names)
+        if not physics:
+            raise ValueError("sample_physics_posterior: the model has no physics modality")
+        self._check_data(data, required=physics)
+        with torch.no_grad():
+            return physics_mcmc(
+                curves={p: data.values[p] for p in physics},
+                experts={p: net.modalities[p].expert for p in physics},
+                grids={p: net.modalities[p].grid.cpu() for p in physics},
+                n_clusters=self.n_clusters,
+                masks={p: data.masks[p] for p in physics},
+                num_samples=num_samples,
+                warmup_steps=warmup_steps,
+                num_chains=num_chains,
+                seed=seed,
+                order_by=order_by,
+                init_theta={p: net.modalities[p].expert.theta.detach().cpu() for p in physics},
+            )
+
     # ---- fitted globals ----------------------------------------------------------------------
     def mixture_parameters(self) -> dict[str, np.ndarray]:
         """Point estimates ``weights`` (K,), ``loc`` (K, D), ``scale`` (K, D)."""
@@ -333,7 +392,7 @@ class PIMA:
             "format": SAVE_FORMAT,
             "versions": {
                 "pima_pyro": _package_version(),
-                "torch": torch.__version__,
+                "torch": str(torch.__version__),
                 "pyro": pyro.__version__,
             },
             "specs": self.specs,

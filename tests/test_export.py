@@ -1,0 +1,153 @@
+"""ArviZ export: groups, dims and coords; NetCDF round trip; log-likelihood math; MCMC stats."""
+
+import warnings
+
+import arviz as az
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+from pima_pyro import PIMA
+from pima_pyro.datasets import affine_modalities, digits_affine
+from pima_pyro.inference.export import ARVIZ_GROUPS, mcmc_to_datatree
+from pima_pyro.inference.mcmc import physics_mcmc
+from pima_pyro.models.experts import LinearThroughOrigin
+
+DRAW_GROUPS = ("posterior", "posterior_predictive", "log_likelihood", "sample_stats")
+
+
+@pytest.fixture(scope="module")
+def data():
+    return digits_affine(seed=0).subset(np.arange(240))
+
+
+@pytest.fixture(scope="module")
+def point_model(data):
+    model = PIMA(affine_modalities(hidden=(32,)), n_clusters=10, latent_dim=3)
+    model.fit(data, epochs=5, seed=0, progress=False)
+    return model
+
+
+@pytest.fixture(scope="module")
+def bayes_model(data):
+    model = PIMA(
+        affine_modalities(hidden=(32,)), n_clusters=10, latent_dim=3, bayesian_globals=True
+    )
+    model.fit(data, epochs=5, seed=0, progress=False)
+    return model
+
+
+def check_arviz_schema(tree: xr.DataTree) -> None:
+    """The ArviZ (1.x DataTree / 0.x InferenceData) conventions this package promises."""
+    assert set(tree.children) <= set(ARVIZ_GROUPS)
+    for group, node in tree.children.items():
+        ds = node.to_dataset()
+        for name, var in ds.data_vars.items():
+            if group in DRAW_GROUPS:
+                assert var.dims[:2] == ("chain", "draw"), (group, name, var.dims)
+            else:
+                assert "chain" not in var.dims and "draw" not in var.dims, (group, name)
+            for dim in var.dims:
+                assert dim in ds.coords, f"{group}/{name}: dim {dim} has no coordinate"
+
+
+def test_groups_dims_and_coords(point_model, data):
+    tree = point_model.to_datatree(data, num_samples=20)
+    check_arviz_schema(tree)
+    assert set(tree.children) == {
+        "posterior",
+        "posterior_predictive",
+        "log_likelihood",
+        "observed_data",
+        "constant_data",
+    }
+    post = tree["posterior"].to_dataset()
+    assert post["pi"].dims == ("chain", "draw", "cluster")
+    assert post["z"].dims == ("chain", "draw", "obs", "latent")
+    assert post["cluster_probability"].dims == ("chain", "draw", "obs", "cluster")
+    assert post["curve_theta"].dims == ("chain", "draw", "cluster", "curve_param")
+    assert list(post["curve_param"].values) == ["slope"]
+    assert post.attrs["globals"] == "point_estimate"
+    assert post.attrs["inference_library"] == "pyro"
+    np.testing.assert_allclose(post["cluster_probability"].sum("cluster"), 1.0, rtol=1e-5)
+    pp = tree["posterior_predictive"].to_dataset()
+    assert pp["image"].dims == ("chain", "draw", "obs", "image_dim_0", "image_dim_1")
+    assert pp["curve"].dims == ("chain", "draw", "obs", "curve_t")
+    np.testing.assert_allclose(pp["curve_t"].values, data.grids["curve"].numpy())
+    obs = tree["observed_data"].to_dataset()
+    np.testing.assert_array_equal(obs["curve"].values, data.values["curve"].numpy())
+    const = tree["constant_data"].to_dataset()
+    assert const["image_observed"].dtype == bool
+
+
+def test_log_likelihood_is_log_sum_over_clusters(point_model, data):
+    tree = point_model.to_datatree(data, num_samples=5)
+    ll = tree["log_likelihood"].to_dataset()
+    params = point_model.physics_parameters()["curve"]
+    pi = point_model.mixture_parameters()["weights"]
+    t = data.grids["curve"].numpy().astype(np.float64)
+    y = data.values["curve"].numpy().astype(np.float64)
+    for n in (0, 17, 101):
+        means = params["theta"][:, :1] * t  # (K, T)
+        s = params["noise_scale"][:, None]
+        log_terms = np.log(pi) + (
+            -0.5 * ((y[n] - means) / s) ** 2 - np.log(s) - 0.5 * np.log(2 * np.pi)
+        ).sum(1)
+        expected = np.logaddexp.reduce(log_terms)
+        np.testing.assert_allclose(ll["curve"].values[0, :, n], expected, rtol=1e-5)
+    total = ll["image"] + ll["curve"]
+    np.testing.assert_allclose(ll["total"].values, total.values, rtol=1e-6)
+
+
+def test_netcdf_round_trip_is_exact(point_model, data, tmp_path):
+    tree = point_model.to_datatree(data, num_samples=10)
+    path = tmp_path / "export.nc"
+    tree.to_netcdf(path, engine="h5netcdf")
+    back = xr.open_datatree(path, engine="h5netcdf")
+    for group in tree.children:
+        xr.testing.assert_identical(back[group].to_dataset(), tree[group].to_dataset())
+    idata = point_model.to_arviz(data, num_samples=10)
+    assert isinstance(idata, az.InferenceData)  # ArviZ 0.x here
+    idata.to_netcdf(str(tmp_path / "idata.nc"))
+    again = az.from_netcdf(str(tmp_path / "idata.nc"))
+    for group in idata.groups():
+        xr.testing.assert_equal(getattr(again, group), getattr(idata, group))
+
+
+def test_bayesian_globals_give_real_draws_and_loo_runs(bayes_model, point_model, data):
+    tree = bayes_model.to_datatree(data, num_samples=50, posterior_predictive=False)
+    post = tree["posterior"].to_dataset()
+    assert post.attrs["globals"] == "variational"
+    assert float(post["curve_theta"].std("draw").min()) > 0
+    assert float(post["pi"].sum("cluster").min()) == pytest.approx(1.0, rel=1e-5)
+    point = point_model.to_datatree(data, num_samples=5)["posterior"].to_dataset()
+    assert float(point["curve_theta"].std("draw").max()) == 0.0
+    idata = bayes_model.to_arviz(data, num_samples=50, posterior_predictive=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loo = az.loo(idata, var_name="curve")
+    assert np.isfinite(loo.elpd_loo)
+    assert not [w for w in caught if "group" in str(w.message).lower()]
+
+
+def test_mcmc_export_has_sample_stats_and_ordered_clusters(data):
+    result = physics_mcmc(
+        {"curve": data.values["curve"]},
+        {"curve": LinearThroughOrigin()},
+        {"curve": data.grids["curve"]},
+        n_clusters=3,
+        num_samples=20,
+        warmup_steps=20,
+        num_chains=2,
+        init_theta={"curve": torch.tensor([[1.0], [4.0], [8.0]])},
+    )
+    tree = mcmc_to_datatree(result, {"curve": data.values["curve"].numpy()}, data.grids)
+    check_arviz_schema(tree)
+    stats = tree["sample_stats"].to_dataset()
+    for name in ("diverging", "tree_depth", "energy", "lp"):
+        assert stats[name].dims == ("chain", "draw") and stats[name].shape == (2, 20)
+    slopes = tree["posterior"]["curve_theta"].values[..., 0]
+    assert np.all(np.diff(slopes, axis=-1) > 0)  # the ordering constraint holds in every draw
+    summary = az.summary(az.InferenceData.from_datatree(tree), var_names=["curve_theta"])
+    assert len(summary) == 3
