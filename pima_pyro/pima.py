@@ -344,20 +344,19 @@ class PIMA:
         if not physics:
             raise ValueError("sample_physics_posterior: the model has no physics modality")
         self._check_data(data, required=physics)
-        with torch.no_grad():
-            return physics_mcmc(
-                curves={p: data.values[p] for p in physics},
-                experts={p: net.modalities[p].expert for p in physics},
-                grids={p: net.modalities[p].grid.cpu() for p in physics},
-                n_clusters=self.n_clusters,
-                masks={p: data.masks[p] for p in physics},
-                num_samples=num_samples,
-                warmup_steps=warmup_steps,
-                num_chains=num_chains,
-                seed=seed,
-                order_by=order_by,
-                init_theta={p: net.modalities[p].expert.theta.detach().cpu() for p in physics},
-            )
+        return physics_mcmc(
+            curves={p: data.values[p] for p in physics},
+            experts={p: net.modalities[p].expert for p in physics},
+            grids={p: net.modalities[p].grid.cpu() for p in physics},
+            n_clusters=self.n_clusters,
+            masks={p: data.masks[p] for p in physics},
+            num_samples=num_samples,
+            warmup_steps=warmup_steps,
+            num_chains=num_chains,
+            seed=seed,
+            order_by=order_by,
+            init_theta={p: net.modalities[p].expert.theta.detach().cpu() for p in physics},
+        )
 
     # ---- fitted globals ----------------------------------------------------------------------
     def mixture_parameters(self) -> dict[str, np.ndarray]:

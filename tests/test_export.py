@@ -151,3 +151,23 @@ def test_mcmc_export_has_sample_stats_and_ordered_clusters(data):
     assert np.all(np.diff(slopes, axis=-1) > 0)  # the ordering constraint holds in every draw
     summary = az.summary(az.InferenceData.from_datatree(tree), var_names=["curve_theta"])
     assert len(summary) == 3
+
+
+def test_ppc_by_cluster_and_physics_bands(point_model, data, tmp_path):
+    from pima_pyro.criticism import plot_physics_bands, ppc_by_cluster
+
+    tree = point_model.to_datatree(data, num_samples=100)
+    ppc = ppc_by_cluster(tree, "curve")
+    assert int(ppc["count"].sum()) == data.n_samples
+    populated = ppc["count"] > 0
+    # the model generated these curves with the same noise level: coverage near the nominal 90%
+    coverage = float((ppc["coverage"] * ppc["count"]).sum() / ppc["count"].sum())
+    assert 0.8 <= coverage <= 0.97
+    np.testing.assert_allclose(
+        ppc["observed_mean"].where(populated, drop=True),
+        ppc["replicated_mean"].where(populated, drop=True),
+        atol=0.3,
+    )
+    fig = plot_physics_bands(tree, "curve", LinearThroughOrigin(), tmp_path / "bands.png")
+    assert (tmp_path / "bands.png").stat().st_size > 0
+    assert len(fig.axes) == 1
