@@ -1,0 +1,278 @@
+"""Speed of a training step, scaling, memory and time-to-accuracy, in one process.
+
+Usage::
+
+    python benchmarks/speed.py [--quick] [--device cpu|cuda] [--budget SECONDS] [--mnist DIR]
+
+Compares, on the same networks (pima-pyro's default MLPs) and the same minibatches:
+(a) our step: ``TraceEnum_ELBO`` + Adam, (b) the same with ``JitTraceEnum_ELBO``, (c) the
+reference PIMA loss (``benchmarks/reference_loss.py``) in float64 and (d) in float32, at batch
+sizes 128 and 1024 on ``digits_affine`` and on a synthetic 50,000-sample copy of it; the scaling
+exponent of our step time in batch size (64..1024) and in K (5, 10, 20, 40); peak RSS; and wall
+time until joint accuracy first reaches 0.95 for our ``fit`` and for the reference algorithm at
+its own settings (lr 2e-5, float64, batch 100) and at its best learning rate, each under
+``--budget`` seconds. Prints a Markdown table, then, as its LAST line, a JSON object.
+Intra-op threads: 1 (``--threads``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from reference_loss import reference_loss, train_reference  # noqa: E402
+
+from pima_pyro import PIMA, MultimodalData  # noqa: E402
+from pima_pyro.datasets import affine_modalities, digits_affine, mnist_affine  # noqa: E402
+from pima_pyro.inference.svi import minibatch, per_sample_loss  # noqa: E402
+from pima_pyro.metrics import matched_accuracy  # noqa: E402
+from pima_pyro.models.module import PIMAModule  # noqa: E402
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _module(data: MultimodalData, k: int, device: torch.device) -> PIMAModule:
+    model = PIMA(affine_modalities(), n_clusters=k, latent_dim=4)
+    net = model._build(data)
+    return net.to(device)
+
+
+def time_steps(step, batches, device, warmup: int = 5) -> float:
+    """Median seconds per step over ``batches`` (after ``warmup`` untimed steps)."""
+    for b in batches[:warmup]:
+        step(b)
+    _sync(device)
+    times = []
+    for b in batches[warmup:]:
+        start = time.perf_counter()
+        step(b)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def make_batches(data, batch_size, count, device, dtype, seed=0):
+    full = data.to_batch(device=device, dtype=dtype)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = []
+    for _ in range(count):
+        idx = torch.randperm(full.n_total, device=device, generator=gen)[:batch_size]
+        out.append(minibatch(full, idx, True, gen))
+    return out
+
+
+def ours_step(net, n_total, jit):
+    loss_fn = per_sample_loss(net, n_total, jit)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+
+    def step(batch):
+        loss = loss_fn(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def reference_step(net):
+    opt = torch.optim.Adam(net.parameters(), lr=2e-5)
+
+    def step(batch):
+        loss, _ = reference_loss(net, batch.values, batch.observed)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def step_times(data, batch_size, device, steps, k=10):
+    net = _module(data, k, device)
+    out = {}
+    f32 = make_batches(data, batch_size, steps, device, torch.float32)
+    out["svi"] = time_steps(ours_step(copy.deepcopy(net), data.n_samples, False), f32, device)
+    out["svi_jit"] = time_steps(ours_step(copy.deepcopy(net), data.n_samples, True), f32, device)
+    out["torch_f32"] = time_steps(reference_step(copy.deepcopy(net)), f32, device)
+    f64 = make_batches(data, batch_size, steps, device, torch.float64)
+    out["torch_f64"] = time_steps(reference_step(copy.deepcopy(net).double()), f64, device)
+    return out
+
+
+def exponent(xs, ys) -> float:
+    slope, _ = np.polyfit(np.log(xs), np.log(ys), 1)
+    return float(slope)
+
+
+def scale_to(data: MultimodalData, n: int, seed: int = 0) -> MultimodalData:
+    """A synthetic set of n samples: images resampled with pixel noise, curves re-simulated."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, data.n_samples, n)
+    images = data.values["image"].numpy()[idx] + rng.normal(0, 0.05, (n, 8, 8)).astype(np.float32)
+    labels = data.labels.numpy()[idx]
+    t = data.grids["curve"].numpy()
+    curves = labels[:, None] * t + rng.normal(0, 0.5, (n, t.size))
+    return MultimodalData(
+        {"image": np.clip(images, 0, 1), "curve": curves}, grids={"curve": t}, labels=labels
+    )
+
+
+def time_to_accuracy_ours(data, device, budget, target=0.95, epochs=200):
+    start = time.perf_counter()
+    reached = {"seconds": None, "accuracy": None}
+    model = PIMA(affine_modalities(), n_clusters=10, latent_dim=4)
+
+    class Reached(Exception):
+        pass
+
+    def callback(epoch, loss):
+        acc, _ = matched_accuracy(data.labels.numpy(), model.predict_clusters(data))
+        reached["accuracy"] = acc
+        if acc >= target:
+            reached["seconds"] = time.perf_counter() - start
+            raise Reached
+        if time.perf_counter() - start > budget:
+            raise Reached
+
+    try:
+        model.fit(data, epochs=epochs, device=device, progress=False, callback=callback)
+    except Reached:
+        pass
+    return reached
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--budget", type=float, default=900.0, help="reference wall budget (s)")
+    parser.add_argument("--mnist", default=None, help="MNIST IDX folder for time-to-accuracy")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    steps = 25 if args.quick else 60
+    digits = digits_affine(seed=0)
+    rows, result = [], {}
+    sets = {"digits (1,797)": digits}
+    if not args.quick:
+        sets["synthetic (50,000)"] = scale_to(digits, 50_000)
+    for set_name, data in sets.items():
+        for bs in (128, 1024):
+            t = step_times(data, bs, device, steps)
+            rows.append((set_name, bs, t))
+            if set_name.startswith("digits") and bs == 128:
+                result["svi_step_over_torch_f32"] = round(t["svi"] / t["torch_f32"], 3)
+                result["jit_speedup"] = round(t["svi"] / t["svi_jit"], 3)
+                result["step_ms_batch128"] = {k: round(1e3 * v, 3) for k, v in t.items()}
+    batch_sizes = [64, 128, 256, 512, 1024]
+    bs_times = []
+    for bs in batch_sizes:
+        net = _module(digits, 10, device)
+        bs_times.append(
+            time_steps(
+                ours_step(net, digits.n_samples, False),
+                make_batches(digits, bs, steps, device, torch.float32),
+                device,
+            )
+        )
+    ks = [5, 10, 20, 40]
+    k_times = []
+    for k in ks:
+        net = _module(digits, k, device)
+        k_times.append(
+            time_steps(
+                ours_step(net, digits.n_samples, False),
+                make_batches(digits, 128, steps, device, torch.float32),
+                device,
+            )
+        )
+    result["batch_size_exponent"] = round(exponent(batch_sizes, bs_times), 3)
+    result["k_exponent"] = round(exponent(ks, k_times), 3)
+    result["step_ms_by_batch"] = dict(
+        zip(batch_sizes, [round(1e3 * t, 3) for t in bs_times], strict=True)
+    )
+    result["step_ms_by_k"] = dict(zip(ks, [round(1e3 * t, 3) for t in k_times], strict=True))
+
+    # time to 0.95 joint accuracy
+    budget = 60.0 if args.quick else args.budget
+    ours = time_to_accuracy_ours(digits, device, budget)
+    ref_own = train_reference(
+        _module(digits, 10, torch.device("cpu")), digits, budget_seconds=budget
+    )
+    best = {"lr": 2e-5, "trace": ref_own}
+    for lr in (2e-4, 2e-3, 1e-2):
+        trace = train_reference(
+            _module(digits, 10, torch.device("cpu")), digits, lr=lr, budget_seconds=budget / 3
+        )
+        better = (trace["reached_seconds"] or math.inf) < (
+            best["trace"]["reached_seconds"] or math.inf
+        )
+        if better or (
+            best["trace"]["reached_seconds"] is None
+            and trace["final_accuracy"] > best["trace"]["final_accuracy"]
+        ):
+            best = {"lr": lr, "trace": trace}
+    ours_s = ours["seconds"]
+    own_s = ref_own["reached_seconds"]
+    result["ours_seconds_to_0.95"] = None if ours_s is None else round(ours_s, 2)
+    result["reference_own_settings"] = {
+        "reached_seconds": own_s,
+        "accuracy_at_budget": round(ref_own["final_accuracy"], 4),
+        "budget_seconds": budget,
+    }
+    result["time_to_acc_ratio_reference_over_ours"] = (
+        round((own_s if own_s is not None else budget) / ours_s, 1) if ours_s else None
+    )
+    result["time_to_acc_ratio_is_lower_bound"] = own_s is None
+    best_s = best["trace"]["reached_seconds"]
+    result["reference_best_lr"] = {
+        "lr": best["lr"],
+        "reached_seconds": best_s,
+        "accuracy_at_budget": round(best["trace"]["final_accuracy"], 4),
+        "ratio_over_ours": round((best_s if best_s is not None else budget / 3) / ours_s, 1)
+        if ours_s
+        else None,
+        "ratio_is_lower_bound": best_s is None,
+    }
+    if args.mnist:
+        train = mnist_affine(args.mnist, "train")
+        ours_m = time_to_accuracy_ours(train, device, budget, epochs=20)
+        ref_m = train_reference(
+            _module(train, 10, torch.device("cpu")), train, budget_seconds=budget
+        )
+        result["mnist"] = {
+            "ours_seconds_to_0.95": ours_m["seconds"],
+            "reference_reached_seconds": ref_m["reached_seconds"],
+            "reference_accuracy_at_budget": round(ref_m["final_accuracy"], 4),
+        }
+    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    result["device"] = str(device)
+    result["threads"] = args.threads
+
+    print("| data | batch | SVI (ms) | SVI JIT (ms) | torch f32 (ms) | torch f64 (ms) |")
+    print("|---|---|---|---|---|---|")
+    for set_name, bs, t in rows:
+        print(
+            f"| {set_name} | {bs} | {1e3 * t['svi']:.2f} | {1e3 * t['svi_jit']:.2f} | "
+            f"{1e3 * t['torch_f32']:.2f} | {1e3 * t['torch_f64']:.2f} |"
+        )
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
