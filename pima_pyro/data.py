@@ -32,6 +32,10 @@ class Batch:
     indices: torch.Tensor
     n_total: int
     encode: dict[str, torch.Tensor] | None = None
+    noise: torch.Tensor | None = None
+
+    # ``noise`` (B, D): standard-normal draws for z (common random numbers), so that a batch
+    # split across processes draws exactly what one process would (distributed training).
 
     @property
     def size(self) -> int:

@@ -16,6 +16,7 @@ import torch
 import xarray as xr
 
 from pima_pyro.data import MultimodalData
+from pima_pyro.inference.distributed import fit_data_parallel
 from pima_pyro.inference.export import to_arviz, to_datatree
 from pima_pyro.inference.mcmc import MCMCResult, physics_mcmc
 from pima_pyro.inference.posterior import (
@@ -199,9 +200,15 @@ class PIMA:
         lr: float = 5e-3,
         device: str | torch.device = "auto",
         seed: int = 0,
+        strategy: str | None = None,
+        devices: int = 1,
         **kwargs: object,
     ) -> History:
-        """Fit by SVI with ``TraceEnum_ELBO``; see :func:`pima_pyro.inference.svi.fit`."""
+        """Fit by SVI with ``TraceEnum_ELBO``; see :func:`pima_pyro.inference.svi.fit`.
+
+        ``strategy="ddp"`` trains data-parallel on ``devices`` local processes with
+        ``batch_size`` samples each (:mod:`pima_pyro.inference.distributed`; CPU, gloo).
+        """
         if not isinstance(data, MultimodalData):
             raise TypeError(f"fit: expected MultimodalData, got {type(data).__name__}")
         if not (isinstance(lr, int | float) and lr > 0):
@@ -215,6 +222,13 @@ class PIMA:
             self.module = self._build(data)
         else:
             self._check_data(data)
+        if strategy == "ddp":
+            self.history = fit_data_parallel(
+                self.module, data, devices, epochs, batch_size, lr, seed
+            )
+            return self.history
+        if strategy is not None:
+            raise ValueError(f"fit: strategy must be None or 'ddp', got {strategy!r}")
         self.history = fit(
             self.module,
             data,

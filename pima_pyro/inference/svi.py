@@ -203,6 +203,34 @@ def random_encode_masks(
     return {n: keep[i] for i, n in enumerate(names)}
 
 
+def initialize_from_physics(net: PIMAModule, full: Batch, seed: int = 0, em_starts: int = 5):
+    """Step 1 of the recipe: EM on the physics modalities sets pi, theta and s (in place).
+
+    Returns the :class:`~pima_pyro.inference.initialization.EMResult`.
+    """
+    physics = net.physics_names
+    dtype = net.mixture.loc.dtype
+    em = physics_mixture_em(
+        curves={p: full.values[p] for p in physics},
+        masks={p: full.observed[p] for p in physics},
+        experts={p: net.modalities[p].expert for p in physics},
+        grids={p: net.modalities[p].grid for p in physics},
+        n_clusters=net.n_clusters,
+        n_starts=em_starts,
+        seed=seed,
+    )
+    with torch.no_grad():
+        for p in physics:
+            net.modalities[p].expert.set_theta(em.theta[p].to(dtype))
+            net.modalities[p].expert.set_noise_scale(em.noise_scale[p].to(dtype))
+        net.mixture.logits.copy_(torch.log(em.weights).to(dtype))
+    counts = {
+        p: (em.responsibilities * full.observed[p][:, None]).sum(0).to(dtype) for p in physics
+    }
+    net.init_global_guide(em.weights, full.n_total, counts)
+    return em
+
+
 def per_sample_loss(
     net: PIMAModule, n_total: int, jit: bool = False
 ) -> Callable[[Batch], torch.Tensor]:
@@ -397,24 +425,7 @@ def fit(
             responsibilities = resume_state["responsibilities"].to(device)
         warmup_epochs = resume_state["warmup_epochs"]
     elif physics:
-        em = physics_mixture_em(
-            curves={p: full.values[p] for p in physics},
-            masks={p: full.observed[p] for p in physics},
-            experts={p: net.modalities[p].expert for p in physics},
-            grids={p: net.modalities[p].grid for p in physics},
-            n_clusters=net.n_clusters,
-            n_starts=em_starts,
-            seed=seed,
-        )
-        with torch.no_grad():
-            for p in physics:
-                net.modalities[p].expert.set_theta(em.theta[p].to(dtype))
-                net.modalities[p].expert.set_noise_scale(em.noise_scale[p].to(dtype))
-            net.mixture.logits.copy_(torch.log(em.weights).to(dtype))
-        counts = {
-            p: (em.responsibilities * full.observed[p][:, None]).sum(0).to(dtype) for p in physics
-        }
-        net.init_global_guide(em.weights, n, counts)
+        em = initialize_from_physics(net, full, seed=seed, em_starts=em_starts)
         responsibilities = em.responsibilities
         history.em_log_likelihood = em.log_likelihood
     if warmup_epochs is None:

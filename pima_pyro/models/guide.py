@@ -57,6 +57,31 @@ def encode(
     )
 
 
+class GivenNoiseNormal(dist.Normal):
+    """A Normal whose reparameterised draw is ``loc + scale * noise`` for given ``noise``.
+
+    Same density as ``Normal(loc, scale)``; only the source of the standard-normal draw
+    differs (common random numbers), which lets a batch split across processes reproduce a
+    single-process step exactly.
+    """
+
+    def __init__(self, loc: torch.Tensor, scale: torch.Tensor, noise: torch.Tensor) -> None:
+        super().__init__(loc, scale)
+        self.noise = noise
+
+    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> torch.Tensor:
+        if tuple(sample_shape):
+            raise ValueError("GivenNoiseNormal draws exactly one sample")
+        return self.loc + self.scale * self.noise
+
+    def expand(self, batch_shape, _instance=None):
+        return GivenNoiseNormal(
+            self.loc.expand(batch_shape),
+            self.scale.expand(batch_shape),
+            self.noise.expand(batch_shape),
+        )
+
+
 def guide(net: PIMAModule, batch: Batch) -> None:
     """Sample ``z`` from the PoE of the modalities in ``batch.encode`` (default: observed)."""
     pyro.module("pima", net)
@@ -66,4 +91,9 @@ def guide(net: PIMAModule, batch: Batch) -> None:
     masks = batch.encode if batch.encode is not None else batch.observed
     loc, log_var = encode(net, batch.values, masks)
     with pyro.plate("data", size=batch.n_total, subsample=batch.indices):
-        pyro.sample("z", dist.Normal(loc, torch.exp(0.5 * log_var)).to_event(1))
+        scale = torch.exp(0.5 * log_var)
+        if batch.noise is None:
+            q = dist.Normal(loc, scale)
+        else:
+            q = GivenNoiseNormal(loc, scale, batch.noise)
+        pyro.sample("z", q.to_event(1))
