@@ -57,7 +57,7 @@ def part_mcmc(args) -> dict:
     tree = mcmc_to_datatree(result, {"curve": data.values["curve"].numpy()}, data.grids)
     idata = az.InferenceData.from_datatree(tree)
     summary = az.summary(idata, var_names=["curve_theta"], hdi_prob=0.9)
-    print(summary.to_markdown() if hasattr(summary, "to_markdown") else summary)
+    print(summary.to_string())
     slopes = result.samples["theta_curve"][..., 0].reshape(-1, 10)
     lo, hi = np.quantile(slopes, [0.05, 0.95], axis=0)
     inside = (lo <= TRUE_SLOPES) & (TRUE_SLOPES <= hi)

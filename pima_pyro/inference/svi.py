@@ -33,6 +33,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pima_pyro.data import Batch, MultimodalData
+from pima_pyro.inference.closed_form import closed_form_loss
 from pima_pyro.inference.initialization import mixture_from_embeddings, physics_mixture_em
 from pima_pyro.models.generative import MAX_PLATE_NESTING, model
 from pima_pyro.models.guide import encode, guide
@@ -326,6 +328,7 @@ def fit(
     warmup_epochs: int | None = None,
     subset_training: bool = True,
     jit: bool = True,
+    objective: str = "elbo",
     device: str | torch.device = "auto",
     seed: int = 0,
     num_threads: int | None = None,
@@ -347,6 +350,8 @@ def fit(
         warmup_epochs: epochs of step 2; default 0 when EM on physics modalities started the
             mixture, ``max(1, epochs // 10)`` otherwise; 0 skips steps 2-3.
         subset_training: encode random modality subsets (see module docstring).
+        objective: ``"elbo"`` (Pyro's enumerated ELBO) or ``"closed_form"`` (the seed's closed-form
+            mixture terms, :mod:`pima_pyro.inference.closed_form`; ``jit`` does not apply).
         jit: use ``JitTraceEnum_ELBO`` (default). It computes the same loss as
             ``TraceEnum_ELBO`` (equal to float precision at the same seed) and a step took 0.46x
             the time on the digits toy (``benchmarks/speed.py``); each epoch drops its last
@@ -400,6 +405,7 @@ def fit(
         "seed": seed,
         "n_samples": n,
         "jit": jit,
+        "objective": objective,
         "subset_training": subset_training,
         "modalities": list(net.modality_names),
         "n_clusters": net.n_clusters,
@@ -457,10 +463,15 @@ def fit(
     else:
         optimizer = torch.optim.Adam(net.parameters(), lr=lr)
 
-    objective = per_sample_loss(net, n, jit)
+    if objective == "elbo":
+        objective_fn = per_sample_loss(net, n, jit)
+    elif objective == "closed_form":
+        objective_fn = partial(closed_form_loss, net)
+    else:
+        raise ValueError(f"fit: objective must be 'elbo' or 'closed_form', got {objective!r}")
 
     def train_step(batch: Batch, opt: torch.optim.Optimizer) -> torch.Tensor:
-        loss = objective(batch)
+        loss = objective_fn(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if clip_norm is not None:
