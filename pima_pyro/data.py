@@ -41,6 +41,17 @@ class Batch:
     def size(self) -> int:
         return int(self.indices.shape[0])
 
+    def take(self, rows: slice | torch.Tensor) -> Batch:
+        """The samples ``rows`` of this batch (a slice or an index tensor), same ``n_total``."""
+        return Batch(
+            values={n: v[rows] for n, v in self.values.items()},
+            observed={n: m[rows] for n, m in self.observed.items()},
+            indices=self.indices[rows],
+            n_total=self.n_total,
+            encode=None if self.encode is None else {n: m[rows] for n, m in self.encode.items()},
+            noise=None if self.noise is None else self.noise[rows],
+        )
+
 
 def _as_array(name: str, field: str, value: object) -> np.ndarray:
     if isinstance(value, torch.Tensor):

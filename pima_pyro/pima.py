@@ -164,6 +164,12 @@ class PIMA:
                 )
         return module
 
+    def build(self, data: MultimodalData) -> PIMAModule:
+        """Create the networks and parameters for the shapes and grids of ``data`` (``fit``
+        does this on first use; call it yourself to train with your own loop)."""
+        self.module = self._build(data)
+        return self.module
+
     def _require_fitted(self) -> PIMAModule:
         if self.module is None:
             raise RuntimeError("PIMA: call fit() (or load()) first")

@@ -56,17 +56,6 @@ def _global_batch(full: Batch, idx: torch.Tensor, gen: torch.Generator, latent_d
     )
 
 
-def _slice(batch: Batch, sl: slice) -> Batch:
-    return Batch(
-        values={n: v[sl] for n, v in batch.values.items()},
-        observed={n: m[sl] for n, m in batch.observed.items()},
-        indices=batch.indices[sl],
-        n_total=batch.n_total,
-        encode={n: m[sl] for n, m in batch.encode.items()} if batch.encode else None,
-        noise=batch.noise[sl] if batch.noise is not None else None,
-    )
-
-
 def train_data_parallel(
     net: PIMAModule,
     data: MultimodalData,
@@ -105,7 +94,7 @@ def train_data_parallel(
             batch = _global_batch(
                 full, perm[step * global_size : (step + 1) * global_size], gen, net.latent_dim
             )
-            loss = loss_fn(_slice(batch, mine))
+            loss = loss_fn(batch.take(mine))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if world_size > 1:

@@ -118,15 +118,6 @@ def cluster_log_posterior(
     return torch.cat(out)
 
 
-def _slice(batch: Batch, sl: slice) -> Batch:
-    return Batch(
-        values={n: v[sl] for n, v in batch.values.items()},
-        observed={n: m[sl] for n, m in batch.observed.items()},
-        indices=batch.indices[sl],
-        n_total=batch.n_total,
-    )
-
-
 @torch.no_grad()
 def predict_modality(
     net: PIMAModule,
@@ -150,7 +141,7 @@ def predict_modality(
     alpha = (1.0 - interval) / 2.0
     means, lowers, uppers, draws = [], [], [], []
     for sl in _chunks(batch.size, chunk):
-        part = _slice(batch, sl)
+        part = batch.take(sl)
         if net.is_physics(target):
             probs = cluster_log_posterior(net, part, given, generator=generator).exp()  # (n, K)
             cluster_means = module.cluster_means()  # (K, T)
