@@ -88,7 +88,7 @@ def test_training_with_30_percent_of_images_missing():
     )
     train, test = partial.train_test_split(0.3, seed=0)
     model = PIMA(affine_modalities(), n_clusters=10, latent_dim=4)
-    model.fit(train, epochs=60, seed=0, progress=False)
+    model.fit(train, epochs=120, seed=0, progress=False)
     joint, _ = matched_accuracy(train.labels.numpy(), model.predict_clusters(train))
     assert joint >= 0.97
     has_image = test.masks["image"].numpy()
@@ -96,6 +96,6 @@ def test_training_with_30_percent_of_images_missing():
         test.labels.numpy()[has_image],
         model.predict_clusters(test, given=["image"])[has_image],
     )
-    assert image_only >= 0.75
+    assert image_only >= 0.85
     latent = model.get_latent_representation(test, given=["image"])
     assert np.isfinite(latent).all()
