@@ -437,6 +437,12 @@ class PIMA:
             raise ValueError(
                 f"PIMA.load: {path} is not a pima-pyro model file of format {SAVE_FORMAT}"
             )
+        written_by = str(payload.get("versions", {}).get("pima_pyro", "0"))
+        if int(written_by.split(".")[0]) > int(_package_version().split(".")[0]):
+            raise ValueError(
+                f"PIMA.load: {path} was written by pima-pyro {written_by}, newer than this "
+                f"{_package_version()}; upgrade pima-pyro to read it"
+            )
         model = cls(
             payload["specs"],
             payload["n_clusters"],

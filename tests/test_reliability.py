@@ -124,5 +124,10 @@ def test_saved_file_states_versions_and_loads_on_cpu(tmp_path):
     torch.save(payload, tmp_path / "future.pt")
     with pytest.raises(ValueError, match="not a pima-pyro model file of format"):
         PIMA.load(tmp_path / "future.pt")
+    payload["format"] = 1
+    payload["versions"]["pima_pyro"] = "99.0.0"
+    torch.save(payload, tmp_path / "newer.pt")
+    with pytest.raises(ValueError, match="written by pima-pyro 99.0.0, newer than"):
+        PIMA.load(tmp_path / "newer.pt")
     assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave no temporaries
     assert os.path.getsize(tmp_path / "m.pt") > 0
