@@ -2,7 +2,7 @@ r"""Fitting: stochastic variational inference with ``TraceEnum_ELBO``.
 
 The objective is the ELBO of :func:`pima_pyro.models.generative.model` under
 :func:`pima_pyro.models.guide.guide`, with the cluster ``c`` summed out exactly by
-``TraceEnum_ELBO`` (``JitTraceEnum_ELBO`` with ``jit=True``). Each step takes Pyro's
+``TraceEnum_ELBO`` (``JitTraceEnum_ELBO`` by default, ``jit=True``). Each step takes Pyro's
 ``differentiable_loss`` and an Adam step on the module's parameters: this is what
 ``pyro.infer.SVI.step`` does, minus its per-step host synchronisation (``loss.item()``), so the
 loop never waits on the device; the loss is read back once per epoch.
@@ -11,10 +11,11 @@ Schedule (DESIGN section 8):
 
 1. physics first: EM on the physics modalities alone sets :math:`\pi`, :math:`\theta_{mc}`,
    :math:`s_{mc}` (:func:`~pima_pyro.inference.initialization.physics_mixture_em`);
-2. warm-up: ``warmup_epochs`` of the autoencoder with the mixture frozen at
-   :math:`\mathcal N(0, I)` components and the experts frozen (a plain multimodal VAE);
-3. mixture start: :math:`\mu_c, \sigma_c` from the embeddings weighted by the EM
-   responsibilities (a GMM on the embeddings without physics);
+2. warm-up (by default only without a physics modality): ``warmup_epochs`` of the autoencoder
+   with the mixture frozen at :math:`\mathcal N(0, I)` components and the experts frozen (a
+   plain multimodal VAE);
+3. mixture start after a warm-up: :math:`\mu_c, \sigma_c` from the embeddings weighted by the
+   EM responsibilities (a GMM on the embeddings without physics);
 4. everything free for the remaining epochs.
 
 Throughout, the guide encodes a random subset of each sample's observed modalities (each kept
