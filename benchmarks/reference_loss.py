@@ -38,11 +38,7 @@ def reference_loss(
     z = loc + var.sqrt() * torch.randn_like(loc)
     mix = net.mixture
     log_pi = torch.log_softmax(mix.logits, -1)
-    mu, sigma2 = mix.loc, mix.scale**2
-    log_n = -0.5 * (
-        ((z[:, None, :] - mu) ** 2 / sigma2).sum(-1) + torch.log(2 * math.pi * sigma2).sum(-1)
-    )
-    gamma = torch.softmax(log_pi + log_n, -1)  # one z sample, mixture only
+    gamma = torch.softmax(mix.component_log_prob(z), -1)  # one z sample, mixture only
     objective = torch.zeros(loc.shape[0], dtype=loc.dtype, device=loc.device)
     for name in net.modality_names:
         module = net.modalities[name]
@@ -51,11 +47,7 @@ def reference_loss(
             objective = objective + (gamma * ll).sum(-1)
         else:
             objective = objective + module.likelihood(z).log_prob(values[name])
-    expected_log_pz = -0.5 * (
-        torch.log(2 * math.pi * sigma2)[None]
-        + var[:, None] / sigma2
-        + (loc[:, None] - mu) ** 2 / sigma2
-    ).sum(-1)
+    expected_log_pz = mix.expected_component_log_prob(loc, var)
     objective = objective + (gamma * (log_pi + expected_log_pz)).sum(-1)
     objective = objective - (gamma * torch.log(gamma.clamp_min(1e-30))).sum(-1)
     objective = objective + 0.5 * (1 + torch.log(2 * math.pi * var)).sum(-1)

@@ -44,12 +44,7 @@ def mixture_terms(
     r""":math:`a_c = \log\pi_c + \mathbb E_q \log \mathcal N(z; \mu_c, \sigma_c^2) +
     \sum_m \log p(y_m \mid c)` per sample and cluster, (B, K)."""
     mix = net.mixture
-    sigma2 = mix.scale**2
-    expected = -0.5 * (
-        torch.log(2 * math.pi * sigma2)[None]
-        + (var[:, None, :] + (loc[:, None, :] - mix.loc[None]) ** 2) / sigma2[None]
-    ).sum(-1)
-    a = torch.log_softmax(mix.logits, -1) + expected
+    a = torch.log_softmax(mix.logits, -1) + mix.expected_component_log_prob(loc, var)
     for name in net.physics_names:
         ll = net.modalities[name].likelihood().log_prob(batch.values[name][:, None, :])
         a = a + ll * batch.observed[name][:, None]

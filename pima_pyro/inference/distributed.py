@@ -31,29 +31,20 @@ from pima_pyro.inference.svi import (
     History,
     forget_registered_parameters,
     initialize_from_physics,
+    minibatch,
     per_sample_loss,
-    random_encode_masks,
 )
 from pima_pyro.models.module import PIMAModule
 
 
 def _global_batch(full: Batch, idx: torch.Tensor, gen: torch.Generator, latent_dim: int) -> Batch:
-    observed = {n: m[idx] for n, m in full.observed.items()}
-    noise = torch.randn(
-        idx.shape[0],
-        latent_dim,
-        generator=gen,
-        device=idx.device,
-        dtype=next(iter(full.values.values())).dtype,
+    """:func:`~pima_pyro.inference.svi.minibatch` plus the standard-normal draws of z."""
+    batch = minibatch(full, idx, True, gen)
+    dtype = next(iter(full.values.values())).dtype
+    batch.noise = torch.randn(
+        idx.shape[0], latent_dim, generator=gen, device=idx.device, dtype=dtype
     )
-    return Batch(
-        values={n: v[idx] for n, v in full.values.items()},
-        observed=observed,
-        indices=idx,
-        n_total=full.n_total,
-        encode=random_encode_masks(observed, gen),
-        noise=noise,
-    )
+    return batch
 
 
 def train_data_parallel(

@@ -36,6 +36,7 @@ import xarray as xr
 
 from pima_pyro.data import MultimodalData
 from pima_pyro.inference.mcmc import MCMCResult
+from pima_pyro.models.experts import gaussian_curve_log_likelihood
 from pima_pyro.models.guide import encode
 from pima_pyro.models.module import PIMAModule
 
@@ -138,12 +139,7 @@ def to_datatree(
                 theta = draws[f"theta_{name}"]  # (S, K, P)
                 means = module.expert.expected_curve(theta, module.grid)  # (S, K, T)
                 scale = draws[f"noise_{name}"]  # (S, K)
-                y = batch.values[name]
-                sq = ((y[None, :, None, :] - means[:, None]) ** 2).sum(-1)  # (S, N, K)
-                t_count = y.shape[-1]
-                ll_c = -0.5 * sq / scale[:, None, :] ** 2 - t_count * (
-                    torch.log(scale[:, None, :]) + 0.5 * np.log(2 * np.pi)
-                )
+                ll_c = gaussian_curve_log_likelihood(batch.values[name], means, scale)  # (S, N, K)
                 ll_c = ll_c * observed[None, :, None]
                 phys_ll_c = phys_ll_c + ll_c
                 # y depends on c only: log sum_c pi_c p(y | c) is its exact marginal likelihood

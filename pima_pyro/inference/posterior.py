@@ -43,10 +43,6 @@ class Prediction:
     interval: float
 
 
-def _given_masks(batch: Batch, given: Sequence[str]) -> dict[str, torch.Tensor]:
-    return {n: batch.observed[n] for n in given}
-
-
 def _chunks(n: int, size: int):
     for start in range(0, n, size):
         yield slice(start, min(start + size, n))

@@ -48,8 +48,9 @@ from tqdm.auto import tqdm
 from pima_pyro.data import Batch, MultimodalData
 from pima_pyro.inference.closed_form import closed_form_loss
 from pima_pyro.inference.initialization import mixture_from_embeddings, physics_mixture_em
+from pima_pyro.inference.posterior import latent_posterior
 from pima_pyro.models.generative import MAX_PLATE_NESTING, model
-from pima_pyro.models.guide import encode, guide
+from pima_pyro.models.guide import guide
 from pima_pyro.models.module import PIMAModule
 
 
@@ -303,23 +304,6 @@ def minibatch(full: Batch, idx: torch.Tensor, encode_subsets: bool, gen) -> Batc
     )
 
 
-@torch.no_grad()
-def embed(
-    net: PIMAModule, batch: Batch, names: tuple[str, ...] | None = None, chunk: int = 4096
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """PoE ``(loc, log_var)`` of every sample from the modalities ``names`` (default: all)."""
-    names = names or net.modality_names
-    locs, log_vars = [], []
-    for start in range(0, batch.size, chunk):
-        sl = slice(start, start + chunk)
-        values = {n: batch.values[n][sl] for n in names if n in batch.values}
-        masks = {n: batch.observed[n][sl] for n in values}
-        loc, log_var = encode(net, values, masks)
-        locs.append(loc)
-        log_vars.append(log_var)
-    return torch.cat(locs), torch.cat(log_vars)
-
-
 def fit(
     net: PIMAModule,
     data: MultimodalData,
@@ -559,7 +543,8 @@ def fit(
         for epoch in range(start_epoch, epochs):
             if epoch == warmup_epochs and warmup_epochs > 0:
                 # 3. mixture start from the embeddings
-                loc, log_var = embed(net, full)
+                loc, scale = latent_posterior(net, full, net.modality_names)
+                log_var = 2 * torch.log(scale)
                 weights, mu, scale = mixture_from_embeddings(
                     loc, log_var, responsibilities, net.n_clusters, seed=seed
                 )

@@ -206,13 +206,14 @@ class LinearThroughOrigin(PhysicsExpert):
 def gaussian_curve_log_likelihood(
     curves: torch.Tensor, means: torch.Tensor, noise_scale: torch.Tensor
 ) -> torch.Tensor:
-    r""":math:`\log \mathcal N(y_n; f_c, s_c^2 I)` for every sample and cluster: (N, K).
+    r""":math:`\log \mathcal N(y_n; f_c, s_c^2 I)` for every sample and cluster: (..., N, K).
 
-    ``curves`` (N, T), ``means`` (K, T), ``noise_scale`` (K,).
+    ``curves`` (N, T), ``means`` (..., K, T), ``noise_scale`` (..., K); leading dims (e.g. draws
+    of the globals) broadcast.
     """
     num_points = curves.shape[-1]
-    sq = ((curves[:, None, :] - means[None]) ** 2).sum(-1)
-    var = noise_scale**2
+    sq = ((curves[:, None, :] - means.unsqueeze(-3)) ** 2).sum(-1)
+    var = (noise_scale**2).unsqueeze(-2)
     return -0.5 * sq / var - 0.5 * num_points * (math.log(2 * math.pi) + torch.log(var))
 
 

@@ -58,6 +58,16 @@ class GaussianMixturePrior(nn.Module):
         scale = torch.as_tensor(scale, dtype=p.dtype, device=p.device)
         self.unconstrained_scale.copy_(_inverse_softplus((scale - SCALE_MIN).clamp_min(1e-4)))
 
+    def expected_component_log_prob(self, loc: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+        r""":math:`\mathbb E_{\mathcal N(z; m, \operatorname{diag} v)} \log \mathcal N(z; \mu_c,
+        \sigma_c^2) = -\tfrac12 \sum_d [\log 2\pi\sigma_{cd}^2 + (v_d + (m_d - \mu_{cd})^2) /
+        \sigma_{cd}^2]` in closed form, for ``loc``/``var`` (N, D): (N, K)."""
+        sigma2 = self.scale**2
+        return -0.5 * (
+            torch.log(2 * math.pi * sigma2)[None]
+            + (var[:, None, :] + (loc[:, None, :] - self.loc[None]) ** 2) / sigma2[None]
+        ).sum(-1)
+
     def component_log_prob(
         self, z: torch.Tensor, log_weights: torch.Tensor | None = None
     ) -> torch.Tensor:

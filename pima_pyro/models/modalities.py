@@ -13,7 +13,6 @@ Specs are plain dataclasses (what the user writes); :meth:`Modality.build` turns
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -224,10 +223,6 @@ class PhysicsModalityModule(nn.Module):
         if c is not None:
             means, scale = means[c], scale[c]
         return dist.Normal(means, scale.unsqueeze(-1).expand_as(means)).to_event(1)
-
-
-def feature_count(spec: Modality) -> int:
-    return math.prod(spec.shape or ())
 
 
 __all__ = [
