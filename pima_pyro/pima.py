@@ -18,7 +18,7 @@ import xarray as xr
 from pima_pyro.data import MultimodalData
 from pima_pyro.inference.distributed import fit_data_parallel
 from pima_pyro.inference.export import to_arviz, to_datatree
-from pima_pyro.inference.mcmc import MCMCResult, physics_mcmc
+from pima_pyro.inference.mcmc import MCMCResult, physics_nuts
 from pima_pyro.inference.posterior import (
     Prediction,
     cluster_log_posterior,
@@ -37,6 +37,23 @@ def _package_version() -> str:
     from pima_pyro import __version__
 
     return __version__
+
+
+#: ``fit`` options that ``strategy="ddp"`` honours, with the only values it supports.
+DDP_SUPPORTED = {"objective": ("elbo",), "jit": (False, None), "progress": (True, False)}
+
+
+def _check_ddp_options(options: Mapping[str, object], device: str | torch.device) -> None:
+    """Refuse ``fit`` options that the data-parallel loop would otherwise drop silently."""
+    for key, value in options.items():
+        if key not in DDP_SUPPORTED or value not in DDP_SUPPORTED[key]:
+            raise ValueError(
+                f"fit: strategy='ddp' does not support {key}={value!r} (the data-parallel loop "
+                "has no JIT, closed-form objective, warm-up, checkpoints or callbacks); use "
+                "strategy=None for it"
+            )
+    if str(device) not in ("auto", "cpu"):
+        raise ValueError(f"fit: strategy='ddp' runs on CPU processes; device={device!r} given")
 
 
 class PIMA:
@@ -229,6 +246,7 @@ class PIMA:
         else:
             self._check_data(data)
         if strategy == "ddp":
+            _check_ddp_options(kwargs, device)
             self.history = fit_data_parallel(
                 self.module, data, devices, epochs, batch_size, lr, seed
             )
@@ -331,11 +349,13 @@ class PIMA:
         num_samples: int = 500,
         seed: int = 0,
         posterior_predictive: bool = True,
+        num_importance: int = 64,
     ) -> xr.DataTree:
-        """The ArviZ-schema ``xarray.DataTree`` (see :mod:`pima_pyro.inference.export`)."""
+        """The ArviZ-schema ``xarray.DataTree`` (see :mod:`pima_pyro.inference.export`);
+        ``num_importance`` encoder draws per sample estimate the marginal log-likelihoods."""
         net = self._require_fitted()
         self._check_data(data)
-        return to_datatree(net, data, num_samples, seed, posterior_predictive)
+        return to_datatree(net, data, num_samples, seed, posterior_predictive, num_importance)
 
     def to_arviz(
         self,
@@ -343,10 +363,13 @@ class PIMA:
         num_samples: int = 500,
         seed: int = 0,
         posterior_predictive: bool = True,
+        num_importance: int = 64,
     ) -> Any:
         """:meth:`to_datatree` in the installed ArviZ's type (DataTree for ArviZ >= 1.0,
         ``InferenceData`` for 0.x)."""
-        return to_arviz(self.to_datatree(data, num_samples, seed, posterior_predictive))
+        return to_arviz(
+            self.to_datatree(data, num_samples, seed, posterior_predictive, num_importance)
+        )
 
     def sample_physics_posterior(
         self,
@@ -356,35 +379,57 @@ class PIMA:
         num_chains: int = 4,
         seed: int = 0,
         order_by: tuple[str, int] | None = None,
+        data_evidence: bool = False,
+        init_scale: float = 0.25,
+        progress: bool = False,
     ) -> MCMCResult:
-        """NUTS over (pi, theta, noise) of the physics experts given the curves in ``data``,
-        started at the fitted estimates (:func:`pima_pyro.inference.mcmc.physics_mcmc`)."""
+        """NUTS over (pi, theta, noise) of the physics part of the model given the curves in
+        ``data`` (:func:`pima_pyro.inference.mcmc.physics_nuts`): the priors of
+        ``bayesian_globals=True``, ``c`` enumerated, clusters relabelled by ``order_by``,
+        chains started from dispersed points around the fitted estimates.
+
+        ``data_evidence=True`` adds each sample's evidence for its cluster from the data
+        modalities (``log p(c | x_D) - log pi`` from the fitted network, fixed) as a factor.
+        """
         net = self._require_fitted()
         physics = list(net.physics_names)
         if not physics:
             raise ValueError("sample_physics_posterior: the model has no physics modality")
         self._check_data(data, required=physics)
-        return physics_mcmc(
+        evidence = None
+        if data_evidence:
+            data_given = [n for n in net.data_names if n in data.values]
+            if not data_given:
+                raise ValueError(
+                    "sample_physics_posterior: data_evidence=True needs a data modality in data"
+                )
+            batch = data.with_modalities(data_given).to_batch(self.device)
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+            log_post = cluster_log_posterior(net, batch, data_given, 64, gen)
+            evidence = (log_post - net.plug_in_logits()).detach().cpu()
+        return physics_nuts(
+            net,
             curves={p: data.values[p] for p in physics},
-            experts={p: net.modalities[p].expert for p in physics},
-            grids={p: net.modalities[p].grid.cpu() for p in physics},
-            n_clusters=self.n_clusters,
             masks={p: data.masks[p] for p in physics},
             num_samples=num_samples,
             warmup_steps=warmup_steps,
             num_chains=num_chains,
             seed=seed,
             order_by=order_by,
-            init_theta={p: net.modalities[p].expert.theta.detach().cpu() for p in physics},
+            cluster_log_evidence=evidence,
+            init_scale=init_scale,
+            progress=progress,
         )
 
     # ---- fitted globals ----------------------------------------------------------------------
     def mixture_parameters(self) -> dict[str, np.ndarray]:
-        """Point estimates ``weights`` (K,), ``loc`` (K, D), ``scale`` (K, D)."""
-        mix = self._require_fitted().mixture
+        """``weights`` (K,) (the posterior mean of pi under Bayesian globals, else the point
+        estimate), ``loc`` (K, D), ``scale`` (K, D)."""
+        net = self._require_fitted()
+        mix = net.mixture
         with torch.no_grad():
             return {
-                "weights": mix.weights.cpu().numpy(),
+                "weights": net.plug_in_logits().exp().cpu().numpy(),
                 "loc": mix.loc.cpu().numpy(),
                 "scale": mix.scale.cpu().numpy(),
             }

@@ -13,7 +13,7 @@ from pima_pyro.models.experts import (
     ExponentialDecay,
     LinearThroughOrigin,
     Polynomial,
-    gaussian_curve_log_likelihood,
+    cluster_log_likelihood,
     weighted_least_squares,
 )
 
@@ -47,12 +47,12 @@ def test_expected_curve_equals_design_times_theta():
         )
 
 
-def test_gaussian_curve_log_likelihood_matches_torch():
+def test_cluster_log_likelihood_matches_torch():
     y = torch.randn(5, 7, dtype=torch.float64)
     means = torch.randn(3, 7, dtype=torch.float64)
     scale = torch.rand(3, dtype=torch.float64) + 0.1
     ref = torch.distributions.Normal(means, scale[:, None]).log_prob(y[:, None]).sum(-1)
-    torch.testing.assert_close(gaussian_curve_log_likelihood(y, means, scale), ref)
+    torch.testing.assert_close(cluster_log_likelihood(y, means, scale), ref)
 
 
 def test_em_recovers_affine_mixture_parameters():

@@ -11,7 +11,6 @@ import xarray as xr
 from pima_pyro import PIMA
 from pima_pyro.datasets import affine_modalities, digits_affine
 from pima_pyro.inference.export import ARVIZ_GROUPS, mcmc_to_datatree
-from pima_pyro.inference.mcmc import physics_mcmc
 from pima_pyro.models.experts import LinearThroughOrigin
 
 DRAW_GROUPS = ("posterior", "posterior_predictive", "log_likelihood", "sample_stats")
@@ -96,8 +95,6 @@ def test_log_likelihood_is_log_sum_over_clusters(point_model, data):
         ).sum(1)
         expected = np.logaddexp.reduce(log_terms)
         np.testing.assert_allclose(ll["curve"].values[0, :, n], expected, rtol=1e-5)
-    total = ll["image"] + ll["curve"]
-    np.testing.assert_allclose(ll["total"].values, total.values, rtol=1e-6)
 
 
 def test_netcdf_round_trip_is_exact(point_model, data, tmp_path):
@@ -131,26 +128,28 @@ def test_bayesian_globals_give_real_draws_and_loo_runs(bayes_model, point_model,
     assert not [w for w in caught if "group" in str(w.message).lower()]
 
 
-def test_mcmc_export_has_sample_stats_and_ordered_clusters(data):
-    result = physics_mcmc(
-        {"curve": data.values["curve"]},
-        {"curve": LinearThroughOrigin()},
-        {"curve": data.grids["curve"]},
-        n_clusters=3,
-        num_samples=20,
-        warmup_steps=20,
-        num_chains=2,
-        init_theta={"curve": torch.tensor([[1.0], [4.0], [8.0]])},
+def test_mcmc_export_has_sample_stats_log_likelihood_and_relabelled_clusters(point_model, data):
+    result = point_model.sample_physics_posterior(
+        data, num_samples=20, warmup_steps=20, num_chains=2, seed=0
     )
-    tree = mcmc_to_datatree(result, {"curve": data.values["curve"].numpy()}, data.grids)
+    tree = mcmc_to_datatree(result)
     check_arviz_schema(tree)
+    assert {"posterior", "sample_stats", "log_likelihood", "observed_data", "constant_data"} <= set(
+        tree.children
+    )
     stats = tree["sample_stats"].to_dataset()
-    for name in ("diverging", "tree_depth", "energy", "lp"):
+    for name in ("diverging", "tree_depth", "step_size", "n_steps", "lp"):
         assert stats[name].dims == ("chain", "draw") and stats[name].shape == (2, 20)
+    assert np.isfinite(stats["tree_depth"].values).all()
     slopes = tree["posterior"]["curve_theta"].values[..., 0]
-    assert np.all(np.diff(slopes, axis=-1) > 0)  # the ordering constraint holds in every draw
+    assert np.all(np.diff(slopes, axis=-1) >= 0)  # relabelled: sorted in every draw
+    ll = tree["log_likelihood"].to_dataset()
+    assert ll["curve"].dims == ("chain", "draw", "obs")
+    np.testing.assert_array_equal(
+        tree["observed_data"]["curve"].values, data.values["curve"].numpy()
+    )
     summary = az.summary(az.InferenceData.from_datatree(tree), var_names=["curve_theta"])
-    assert len(summary) == 3
+    assert len(summary) == 10
 
 
 def test_ppc_by_cluster_and_physics_bands(point_model, data, tmp_path):

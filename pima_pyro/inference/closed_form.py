@@ -35,6 +35,7 @@ import torch
 
 from pima_pyro.data import Batch
 from pima_pyro.models.guide import encode
+from pima_pyro.models.mixture import marginalize_clusters
 from pima_pyro.models.module import PIMAModule
 
 
@@ -44,9 +45,9 @@ def mixture_terms(
     r""":math:`a_c = \log\pi_c + \mathbb E_q \log \mathcal N(z; \mu_c, \sigma_c^2) +
     \sum_m \log p(y_m \mid c)` per sample and cluster, (B, K)."""
     mix = net.mixture
-    a = torch.log_softmax(mix.logits, -1) + mix.expected_component_log_prob(loc, var)
+    a = mix.log_weights + mix.expected_component_log_prob(loc, var)
     for name in net.physics_names:
-        ll = net.modalities[name].likelihood().log_prob(batch.values[name][:, None, :])
+        ll = net.modalities[name].cluster_log_likelihood(batch.values[name])
         a = a + ll * batch.observed[name][:, None]
     return a
 
@@ -58,7 +59,7 @@ def closed_form_bound(net: PIMAModule, batch: Batch) -> torch.Tensor:
     var = torch.exp(log_var)
     noise = torch.randn_like(loc) if batch.noise is None else batch.noise
     z = loc + var.sqrt() * noise
-    bound = torch.logsumexp(mixture_terms(net, batch, loc, var), -1)
+    bound = marginalize_clusters(mixture_terms(net, batch, loc, var))
     bound = bound + 0.5 * (1 + torch.log(2 * math.pi * var)).sum(-1)
     for name in net.data_names:
         ll = net.modalities[name].likelihood(z).log_prob(batch.values[name])

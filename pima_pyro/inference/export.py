@@ -27,17 +27,21 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import warnings
 from typing import Any
 
 import numpy as np
 import pyro
 import torch
 import xarray as xr
+from pyro.ops.indexing import Vindex
 
-from pima_pyro.data import MultimodalData
+from pima_pyro.data import Batch, MultimodalData
+from pima_pyro.inference.marginal import pointwise_log_likelihood
 from pima_pyro.inference.mcmc import MCMCResult
-from pima_pyro.models.experts import gaussian_curve_log_likelihood
-from pima_pyro.models.guide import encode
+from pima_pyro.models.experts import curve_likelihood
+from pima_pyro.models.guide import encode, latent_distribution
+from pima_pyro.models.mixture import cluster_log_posterior_from_joint
 from pima_pyro.models.module import PIMAModule
 
 ARVIZ_GROUPS = (
@@ -90,16 +94,18 @@ def _draw_globals(net: PIMAModule, num_samples: int) -> tuple[dict[str, torch.Te
     """Globals for each draw: (S, ...) tensors; the kind of draw."""
     if net.bayesian_globals:
         sites = dict(net.global_guide_sites())
-        out = {site: q.sample((num_samples,)) for site, q in sites.items()}
-        kind = "variational"
-    else:
-        out = {"pi": torch.softmax(net.mixture.logits, -1).expand(num_samples, -1)}
-        for name in net.physics_names:
-            expert = net.modalities[name].expert
-            out[f"theta_{name}"] = expert.theta.expand(num_samples, -1, -1)
-            out[f"noise_{name}"] = expert.noise_scale.expand(num_samples, -1)
-        kind = "point_estimate"
-    return out, kind
+        return {site: q.sample((num_samples,)) for site, q in sites.items()}, "variational"
+    point = net.point_globals()
+    out = {site: v.expand(num_samples, *v.shape) for site, v in point.items()}
+    return out, "point_estimate"
+
+
+#: What the attrs of ``log_likelihood`` say under point-estimate globals.
+IN_SAMPLE_NOTE = (
+    "globals are point estimates repeated on every draw: PSIS-LOO and WAIC on these draws "
+    "measure in-sample fit (p_loo near 0), not out-of-sample predictive accuracy; fit with "
+    "bayesian_globals=True for posterior draws of pi, theta and noise"
+)
 
 
 @torch.no_grad()
@@ -109,113 +115,174 @@ def to_datatree(
     num_samples: int = 500,
     seed: int = 0,
     posterior_predictive: bool = True,
+    num_importance: int = 64,
 ) -> xr.DataTree:
-    """Draw ``num_samples`` times from the fitted variational posterior and build the tree."""
+    """Draw ``num_samples`` times from the fitted posterior of the globals and build the tree.
+
+    ``num_importance`` is the number J of encoder draws per sample in the importance-sampled
+    log-likelihoods (:mod:`pima_pyro.inference.marginal`). Under point-estimate globals this
+    warns that LOO on the export measures in-sample fit.
+    """
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"to_arviz: num_samples must be an int >= 1, got {num_samples!r}")
     device = net.mixture.loc.device
     dtype = net.mixture.loc.dtype
     batch = data.to_batch(device=device, dtype=dtype)
-    n, k, d = data.n_samples, net.n_clusters, net.latent_dim
     names = [m for m in net.modality_names if m in data.values]
     with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
         torch.manual_seed(seed)
         draws, globals_kind = _draw_globals(net, num_samples)
-        loc, log_var = encode(net, batch.values, batch.observed)
-        z = loc + torch.exp(0.5 * log_var) * torch.randn(
-            num_samples, n, d, dtype=dtype, device=device
+        z, cluster_prob = _local_draws(net, batch, names, draws)
+        log_lik, log_lik_se = pointwise_log_likelihood(net, batch, draws, names, num_importance)
+        predictive = (
+            _posterior_predictive(net, batch, names, draws, z, cluster_prob)
+            if posterior_predictive
+            else {}
         )
-        mix = net.mixture
-        log_pi = torch.log(draws["pi"].clamp_min(torch.finfo(dtype).tiny))  # (S, K)
-        log_pz = mix.component_log_prob(z, torch.zeros(k, dtype=dtype, device=device))  # (S,N,K)
-        log_pc_z = torch.log_softmax(log_pi[:, None, :] + log_pz, -1)  # p(c | z_s)
-        log_lik: dict[str, torch.Tensor] = {}
-        predictive: dict[str, torch.Tensor] = {}
-        phys_ll_c = torch.zeros(num_samples, n, k, dtype=dtype, device=device)
-        for name in names:
-            module = net.modalities[name]
-            observed = batch.observed[name]
-            if net.is_physics(name):
-                theta = draws[f"theta_{name}"]  # (S, K, P)
-                means = module.expert.expected_curve(theta, module.grid)  # (S, K, T)
-                scale = draws[f"noise_{name}"]  # (S, K)
-                ll_c = gaussian_curve_log_likelihood(batch.values[name], means, scale)  # (S, N, K)
-                ll_c = ll_c * observed[None, :, None]
-                phys_ll_c = phys_ll_c + ll_c
-                # y depends on c only: log sum_c pi_c p(y | c) is its exact marginal likelihood
-                log_lik[name] = torch.logsumexp(log_pi[:, None, :] + ll_c, -1) * observed
-            else:
-                likelihood = module.likelihood(z)
-                log_lik[name] = likelihood.log_prob(batch.values[name]) * observed
-                if posterior_predictive:
-                    predictive[name] = likelihood.sample()
-        cluster_prob = torch.softmax(log_pc_z + phys_ll_c, -1)  # p(c | z_s, y)
-        if posterior_predictive:
-            flat = cluster_prob.reshape(-1, k)
-            c = torch.multinomial(flat, 1).reshape(num_samples, n)
-            for name in names:
-                if not net.is_physics(name):
-                    continue
-                module = net.modalities[name]
-                means = module.expert.expected_curve(draws[f"theta_{name}"], module.grid)
-                chosen = torch.gather(
-                    means, 1, c[..., None].expand(-1, -1, means.shape[-1])
-                )  # (S, N, T)
-                noise = torch.gather(draws[f"noise_{name}"], 1, c)
-                predictive[name] = chosen + noise[..., None] * torch.randn_like(chosen)
-
-    def cd(x: torch.Tensor) -> np.ndarray:  # (S, ...) -> (1, S, ...)
-        return x.detach().cpu().numpy()[None]
-
-    coords: dict[str, Any] = {
-        "chain": [0],
-        "draw": np.arange(num_samples),
-        "obs": np.arange(n),
-        "cluster": np.arange(k),
-        "latent": np.arange(d),
-    }
-    posterior_vars = {
-        "pi": (("chain", "draw", "cluster"), cd(draws["pi"])),
-        "mu": (("chain", "draw", "cluster", "latent"), cd(mix.loc.expand(num_samples, -1, -1))),
-        "sigma": (
-            ("chain", "draw", "cluster", "latent"),
-            cd(mix.scale.expand(num_samples, -1, -1)),
-        ),
-        "z": (("chain", "draw", "obs", "latent"), cd(z)),
-        "cluster_probability": (("chain", "draw", "obs", "cluster"), cd(cluster_prob)),
-    }
-    for name in net.physics_names:
-        expert = net.modalities[name].expert
-        coords[f"{name}_param"] = np.array(expert.param_names, dtype=object)
-        posterior_vars[f"{name}_theta"] = (
-            ("chain", "draw", "cluster", f"{name}_param"),
-            cd(draws[f"theta_{name}"]),
-        )
-        posterior_vars[f"{name}_noise"] = (("chain", "draw", "cluster"), cd(draws[f"noise_{name}"]))
-    for name in names:
-        coords.update(_feature_coords(net, name))
+    if globals_kind == "point_estimate":
+        warnings.warn("to_arviz: " + IN_SAMPLE_NOTE, UserWarning, stacklevel=3)
+    coords = _coords(net, data, names, num_samples)
     method = "SVI (TraceEnum_ELBO, product-of-experts guide)"
     groups: dict[str, xr.Dataset] = {}
     groups["posterior"] = xr.Dataset(
-        posterior_vars, coords=coords, attrs=_attrs(method, globals_kind)
+        _posterior_vars(net, draws, z, cluster_prob),
+        coords=coords,
+        attrs=_attrs(method, globals_kind),
     )
     if posterior_predictive:
         groups["posterior_predictive"] = xr.Dataset(
             {
-                name: (("chain", "draw", "obs", *feature_dims(net, name)), cd(v))
+                name: (("chain", "draw", "obs", *feature_dims(net, name)), _cd(v))
                 for name, v in predictive.items()
             },
             coords=coords,
             attrs=_attrs(method, globals_kind),
         )
-    ll_vars = {name: (("chain", "draw", "obs"), cd(v)) for name, v in log_lik.items()}
-    ll_vars["total"] = (("chain", "draw", "obs"), cd(sum(log_lik.values())))
-    groups["log_likelihood"] = xr.Dataset(
-        ll_vars, coords=coords, attrs=_attrs(method, globals_kind)
+    groups["log_likelihood"] = _log_likelihood_group(
+        log_lik, log_lik_se, coords, num_importance, _attrs(method, globals_kind)
     )
     groups["observed_data"] = _observed_group(net, data, names, coords)
     groups["constant_data"] = _constant_group(net, data, names, coords)
     return _tree(groups)
+
+
+def _cd(x: torch.Tensor) -> np.ndarray:
+    """(S, ...) -> (1, S, ...) on the host: one chain."""
+    return x.detach().cpu().numpy()[None]
+
+
+def _local_draws(
+    net: PIMAModule, batch: Batch, names: list[str], draws: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per draw s: ``z_s ~ q(z | all observed)`` (S, N, D) and :math:`p(c \\mid z_s, y, g_s)`
+    (S, N, K)."""
+    num_samples = draws["pi"].shape[0]
+    loc, log_var = encode(net, batch.values, batch.observed)
+    z = latent_distribution(loc, log_var).sample((num_samples,))
+    log_pi = torch.log(draws["pi"].clamp_min(torch.finfo(z.dtype).tiny))  # (S, K)
+    log_joint = log_pi[:, None, :] + net.mixture.component().log_prob(z.unsqueeze(-2))
+    for name in names:
+        if net.is_physics(name):
+            ll = net.modalities[name].cluster_log_likelihood(
+                batch.values[name], draws[f"theta_{name}"], draws[f"noise_{name}"]
+            )
+            log_joint = log_joint + ll * batch.observed[name][None, :, None]
+    return z, cluster_log_posterior_from_joint(log_joint).exp()
+
+
+def _posterior_predictive(
+    net: PIMAModule,
+    batch: Batch,
+    names: list[str],
+    draws: dict[str, torch.Tensor],
+    z: torch.Tensor,
+    cluster_prob: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """Replicates of every modality: data ones from ``p(x | z_s)``, physics ones from
+    ``c_s ~ p(c | z_s, y, g_s)`` and ``y | c_s, g_s``."""
+    num_samples, n, k = cluster_prob.shape
+    c = torch.multinomial(cluster_prob.reshape(-1, k), 1).reshape(num_samples, n)
+    draw_index = torch.arange(num_samples, device=c.device)[:, None]
+    out = {}
+    for name in names:
+        module = net.modalities[name]
+        if not net.is_physics(name):
+            out[name] = module.likelihood(z).sample()
+            continue
+        means = module.expert.expected_curve(draws[f"theta_{name}"], module.grid)  # (S, K, T)
+        noise = draws[f"noise_{name}"]  # (S, K)
+        likelihood = curve_likelihood(Vindex(means)[draw_index, c], Vindex(noise)[draw_index, c])
+        out[name] = likelihood.sample()
+    return out
+
+
+def _coords(net: PIMAModule, data: MultimodalData, names: list[str], num_samples: int) -> dict:
+    coords: dict[str, Any] = {
+        "chain": [0],
+        "draw": np.arange(num_samples),
+        "obs": np.arange(data.n_samples),
+        "cluster": np.arange(net.n_clusters),
+        "latent": np.arange(net.latent_dim),
+    }
+    for name in net.physics_names:
+        expert = net.modalities[name].expert
+        coords[f"{name}_param"] = np.array(expert.param_names, dtype=object)
+    for name in names:
+        coords.update(_feature_coords(net, name))
+    return coords
+
+
+def _posterior_vars(
+    net: PIMAModule, draws: dict[str, torch.Tensor], z: torch.Tensor, cluster_prob: torch.Tensor
+) -> dict[str, tuple]:
+    num_samples = z.shape[0]
+    mix = net.mixture
+    out = {
+        "pi": (("chain", "draw", "cluster"), _cd(draws["pi"])),
+        "mu": (("chain", "draw", "cluster", "latent"), _cd(mix.loc.expand(num_samples, -1, -1))),
+        "sigma": (
+            ("chain", "draw", "cluster", "latent"),
+            _cd(mix.scale.expand(num_samples, -1, -1)),
+        ),
+        "z": (("chain", "draw", "obs", "latent"), _cd(z)),
+        "cluster_probability": (("chain", "draw", "obs", "cluster"), _cd(cluster_prob)),
+    }
+    for name in net.physics_names:
+        out[f"{name}_theta"] = (
+            ("chain", "draw", "cluster", f"{name}_param"),
+            _cd(draws[f"theta_{name}"]),
+        )
+        out[f"{name}_noise"] = (("chain", "draw", "cluster"), _cd(draws[f"noise_{name}"]))
+    return out
+
+
+def _log_likelihood_group(
+    log_lik: dict[str, torch.Tensor],
+    log_lik_se: dict[str, torch.Tensor],
+    coords: dict,
+    num_importance: int | None,
+    attrs: dict[str, str],
+) -> xr.Dataset:
+    """``log_likelihood`` with the Monte-Carlo error of each variable in the attrs."""
+    attrs = dict(attrs)
+    if attrs.get("globals") == "point_estimate":
+        attrs["warning"] = IN_SAMPLE_NOTE
+    attrs["definition"] = (
+        "log p(observed modalities of obs n | globals of the draw), marginal over c (exact) "
+        "and z (importance sampling with the encoder as proposal); physics-only terms exact"
+    )
+    if num_importance is not None:
+        attrs["importance_draws"] = int(num_importance)
+    for name, se in log_lik_se.items():
+        exact = bool((se == 0).all())
+        attrs[f"{name}_mc_se_max"] = 0.0 if exact else float(se.max())
+        attrs[f"{name}_mc_se_mean"] = 0.0 if exact else float(se.mean())
+    variables = {name: (("chain", "draw", "obs"), _cd(v)) for name, v in log_lik.items()}
+    return xr.Dataset(
+        variables,
+        coords={k: v for k, v in coords.items() if k in ("chain", "draw", "obs")},
+        attrs=attrs,
+    )
 
 
 def _observed_group(net, data, names, coords) -> xr.Dataset:
@@ -245,39 +312,59 @@ def _tree(groups: dict[str, xr.Dataset]) -> xr.DataTree:
     return tree
 
 
-def mcmc_to_datatree(result: MCMCResult, curves: dict[str, np.ndarray] | None = None, grids=None):
-    """NUTS draws as a tree: ``posterior`` (pi, <m>_theta, <m>_noise), ``sample_stats``, and
-    ``observed_data``/``constant_data`` when ``curves``/``grids`` are given."""
+def mcmc_to_datatree(result: MCMCResult) -> xr.DataTree:
+    """NUTS draws as a tree: ``posterior`` (pi, <m>_theta, <m>_noise, relabelled),
+    ``sample_stats`` (diverging, step_size, n_steps, tree_depth, lp), ``log_likelihood``
+    (exact per physics modality and ``total``, marginal over c), ``observed_data`` (the curves)
+    and ``constant_data`` (grids, masks)."""
     chains, draws = result.samples["pi"].shape[:2]
     k = result.samples["pi"].shape[-1]
+    n = next(iter(result.observed.values())).shape[0]
     coords: dict[str, Any] = {
         "chain": np.arange(chains),
         "draw": np.arange(draws),
         "cluster": np.arange(k),
+        "obs": np.arange(n),
     }
     variables = {"pi": (("chain", "draw", "cluster"), result.samples["pi"])}
     for name, params in result.param_names.items():
         coords[f"{name}_param"] = np.array(params, dtype=object)
+        coords[f"{name}_t"] = result.grids[name]
         variables[f"{name}_theta"] = (
             ("chain", "draw", "cluster", f"{name}_param"),
             result.samples[f"theta_{name}"],
         )
         variables[f"{name}_noise"] = (("chain", "draw", "cluster"), result.samples[f"noise_{name}"])
-    method = f"NUTS (pyro), c enumerated, ordered by {result.order_by}"
+    method = f"NUTS (pyro), c enumerated, relabelled by {result.order_by}"
+    attrs = _attrs(method, "mcmc")
+    chain_draw = {"chain": coords["chain"], "draw": coords["draw"]}
     groups = {
-        "posterior": xr.Dataset(variables, coords=coords, attrs=_attrs(method, "mcmc")),
+        "posterior": xr.Dataset(
+            variables, coords={c: v for c, v in coords.items() if c != "obs"}, attrs=attrs
+        ),
         "sample_stats": xr.Dataset(
             {k2: (("chain", "draw"), v) for k2, v in result.sample_stats.items()},
-            coords={"chain": coords["chain"], "draw": coords["draw"]},
-            attrs=_attrs(method, "mcmc"),
+            coords=chain_draw,
+            attrs=attrs,
+        ),
+        "log_likelihood": xr.Dataset(
+            {m: (("chain", "draw", "obs"), v) for m, v in result.log_likelihood.items()},
+            coords={**chain_draw, "obs": coords["obs"]},
+            attrs={**attrs, "definition": "log p(curves of obs n | draw), exact sum over c"},
+        ),
+        "observed_data": xr.Dataset(
+            {m: (("obs", f"{m}_t"), v) for m, v in result.observed.items()},
+            coords={c: v for c, v in coords.items() if c == "obs" or c.endswith("_t")},
+            attrs={"note": "unobserved entries are zeros; see constant_data <name>_observed"},
+        ),
+        "constant_data": xr.Dataset(
+            {
+                **{f"{m}_observed": (("obs",), v) for m, v in result.masks.items()},
+                **{f"{m}_grid": ((f"{m}_t",), v) for m, v in result.grids.items()},
+            },
+            coords={c: v for c, v in coords.items() if c == "obs" or c.endswith("_t")},
         ),
     }
-    if curves is not None:
-        n = next(iter(curves.values())).shape[0]
-        groups["observed_data"] = xr.Dataset(
-            {m: (("obs", f"{m}_t"), np.asarray(v)) for m, v in curves.items()},
-            coords={"obs": np.arange(n), **{f"{m}_t": np.asarray(grids[m]) for m in curves}},
-        )
     return _tree(groups)
 
 

@@ -27,10 +27,11 @@ import torch
 from pima_pyro.models.experts import (
     NOISE_SCALE_MIN,
     PhysicsExpert,
+    cluster_log_likelihood,
     fit_weighted_nonlinear,
-    gaussian_curve_log_likelihood,
     weighted_least_squares,
 )
+from pima_pyro.models.mixture import cluster_log_posterior_from_joint, marginalize_clusters
 
 
 @dataclass
@@ -182,10 +183,10 @@ def _em_from_responsibilities(
         log_joint = torch.log(weights).expand(resp.shape).clone()
         for name in y:
             means = experts[name].expected_curve(theta[name], t[name])
-            ll = gaussian_curve_log_likelihood(y[name], means, noise2[name].sqrt())
+            ll = cluster_log_likelihood(y[name], means, noise2[name].sqrt())
             log_joint = log_joint + ll * m[name][:, None]
-        log_norm = torch.logsumexp(log_joint, dim=1)
-        resp = torch.exp(log_joint - log_norm[:, None])
+        log_norm = marginalize_clusters(log_joint)
+        resp = torch.exp(cluster_log_posterior_from_joint(log_joint))
         total = float(log_norm[any_observed].sum())
         if abs(total - previous) <= tol * abs(total):
             break

@@ -17,6 +17,26 @@ Given any subset :math:`S = D \cup P` of modalities (data-driven :math:`D`, phys
 * **cross-modal prediction** of a target modality: for a data modality,
   :math:`z_s \sim q(z \mid x_S)`, :math:`x_s \sim p(x \mid z_s)`; for a physics modality,
   :math:`c_s \sim p(c \mid x_S)`, :math:`y_s \sim \mathcal N(f(t; \theta_{c_s}), s_{c_s}^2)`.
+
+A row with none of the ``given`` modalities observed gets the mixture prior in every query:
+:math:`p(c) = \pi`, :math:`z \sim \sum_c \pi_c \mathcal N(\mu_c, \sigma_c^2)` (its mean and
+standard deviation for the latent representation).
+
+What is exact and what is Monte Carlo (``S = num_samples`` draws of ``z``):
+
+==========================================  =====================================================
+query                                       computation
+==========================================  =====================================================
+p(c | physics modalities only or nothing)   exact (Bayes' rule over the enumerated c)
+p(c | any data modality given)              Monte Carlo over z ~ q(z | x_D), S = 64 by default;
+                                            the physics factor stays exact
+latent representation                       exact (the PoE Gaussian)
+predict, physics target                     c ~ p(c | x_S) as above, then exact draws of y | c
+predict, data target                        S draws z ~ q(z | x_S), x ~ p(x | z)
+==========================================  =====================================================
+
+Globals are plug-in values (:meth:`PIMAModule.point_globals`): the point estimates, or under
+Bayesian globals the posterior mean of pi and the guide's centre for theta and noise.
 """
 
 from __future__ import annotations
@@ -29,6 +49,7 @@ import torch
 
 from pima_pyro.data import Batch
 from pima_pyro.models.guide import encode
+from pima_pyro.models.mixture import cluster_log_posterior_from_joint, log_mean_exp
 from pima_pyro.models.module import PIMAModule
 
 
@@ -48,25 +69,58 @@ def _chunks(n: int, size: int):
         yield slice(start, min(start + size, n))
 
 
+def _any_observed(batch: Batch, names: Sequence[str], rows: slice) -> torch.Tensor:
+    """(n,) bool: which rows have at least one of ``names`` observed."""
+    size = rows.stop - rows.start
+    if not names:
+        return torch.zeros(size, dtype=torch.bool, device=batch.indices.device)
+    return torch.stack([batch.observed[n][rows] for n in names]).any(0)
+
+
+def mixture_moments(net: PIMAModule) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Mean and standard deviation (D,) of the mixture prior :math:`\sum_c \pi_c
+    \mathcal N(\mu_c, \sigma_c^2)`."""
+    pi = net.plug_in_logits().exp()
+    mix = net.mixture
+    mean = pi @ mix.loc
+    second = pi @ (mix.scale**2 + mix.loc**2)
+    return mean, (second - mean**2).clamp_min(0).sqrt()
+
+
+def sample_mixture_prior(
+    net: PIMAModule, shape: tuple[int, ...], generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Draws of ``z`` from the mixture prior, ``(*shape, D)``."""
+    pi = net.plug_in_logits().exp()
+    c = torch.multinomial(pi, math.prod(shape), replacement=True, generator=generator)
+    mix = net.mixture
+    eps = torch.randn(
+        (c.shape[0], net.latent_dim), device=pi.device, dtype=pi.dtype, generator=generator
+    )
+    return (mix.loc[c] + mix.scale[c] * eps).reshape(*shape, net.latent_dim)
+
+
 @torch.no_grad()
 def latent_posterior(
     net: PIMAModule, batch: Batch, given: Sequence[str], chunk: int = 4096
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(loc, scale)`` (N, D) of :math:`q(z \\mid x_S)` for ``S = given``."""
+    """``(loc, scale)`` (N, D) of :math:`q(z \\mid x_S)` for ``S = given``; rows with nothing
+    given get the mixture prior's mean and standard deviation."""
+    prior_loc, prior_scale = mixture_moments(net)
     locs, scales = [], []
     for sl in _chunks(batch.size, chunk):
-        values = {n: batch.values[n][sl] for n in given}
-        masks = {n: batch.observed[n][sl] for n in given}
-        if values:
-            loc, log_var = encode(net, values, masks)
-        else:
-            dtype = net.mixture.loc.dtype
-            loc = torch.zeros(
-                sl.stop - sl.start, net.latent_dim, device=batch.indices.device, dtype=dtype
-            )
-            log_var = torch.zeros_like(loc)
+        size = sl.stop - sl.start
+        loc = prior_loc.expand(size, -1)
+        scale = prior_scale.expand(size, -1)
+        has_data = _any_observed(batch, given, sl)
+        if given:
+            values = {n: batch.values[n][sl] for n in given}
+            masks = {n: batch.observed[n][sl] for n in given}
+            q_loc, log_var = encode(net, values, masks)
+            loc = torch.where(has_data[:, None], q_loc, loc)
+            scale = torch.where(has_data[:, None], torch.exp(0.5 * log_var), scale)
         locs.append(loc)
-        scales.append(torch.exp(0.5 * log_var))
+        scales.append(scale)
     return torch.cat(locs), torch.cat(scales)
 
 
@@ -79,39 +133,72 @@ def cluster_log_posterior(
     generator: torch.Generator | None = None,
     chunk: int = 4096,
 ) -> torch.Tensor:
-    """:math:`\\log p(c \\mid x_S)`, (N, K). ``num_samples=0`` uses the mean of :math:`q`."""
+    """:math:`\\log p(c \\mid x_S)`, (N, K): Monte Carlo over ``num_samples`` draws of
+    :math:`z \\sim q(z \\mid x_D)` when data modalities are given (``num_samples=0`` uses the
+    mean of :math:`q`), exact otherwise."""
     data_given = [n for n in given if not net.is_physics(n)]
     physics_given = [n for n in given if net.is_physics(n)]
-    mixture = net.mixture
     out = []
     for sl in _chunks(batch.size, chunk):
         size = sl.stop - sl.start
-        device = batch.indices.device
         log_prior = net.plug_in_logits()
+        log_pc = log_prior.expand(size, -1)
         if data_given:
-            values = {n: batch.values[n][sl] for n in data_given}
-            masks = {n: batch.observed[n][sl] for n in data_given}
-            loc, log_var = encode(net, values, masks)
-            if num_samples > 0:
-                eps = torch.randn(
-                    (num_samples, *loc.shape), device=device, dtype=loc.dtype, generator=generator
-                )
-                z = loc + torch.exp(0.5 * log_var) * eps  # (S, n, D)
-            else:
-                z = loc.unsqueeze(0)
-            log_pc_z = torch.log_softmax(mixture.component_log_prob(z, log_prior), -1)  # (S, n, K)
-            log_pc = torch.logsumexp(log_pc_z, 0) - math.log(z.shape[0])
-            # samples with none of the data modalities observed fall back to the prior
-            has_data = torch.stack([masks[n] for n in data_given]).any(0)
-            log_pc = torch.where(has_data[:, None], log_pc, log_prior.expand(size, -1))
-        else:
-            log_pc = log_prior.expand(size, -1)
+            log_pc_data = _data_cluster_log_posterior(
+                net, batch, data_given, sl, log_prior, num_samples, generator
+            )
+            has_data = _any_observed(batch, data_given, sl)
+            log_pc = torch.where(has_data[:, None], log_pc_data, log_pc)
         for name in physics_given:
-            module = net.modalities[name]
-            ll = module.likelihood().log_prob(batch.values[name][sl].unsqueeze(-2))  # (n, K)
+            ll = net.modalities[name].cluster_log_likelihood(batch.values[name][sl])  # (n, K)
             log_pc = log_pc + ll * batch.observed[name][sl, None]
-        out.append(torch.log_softmax(log_pc, -1))
+        out.append(cluster_log_posterior_from_joint(log_pc))
     return torch.cat(out)
+
+
+def _data_cluster_log_posterior(
+    net: PIMAModule,
+    batch: Batch,
+    data_given: Sequence[str],
+    sl: slice,
+    log_prior: torch.Tensor,
+    num_samples: int,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    r""":math:`\log \frac1S \sum_s p(c \mid z_s)`, :math:`z_s \sim q(z \mid x_D)`: (n, K)."""
+    values = {n: batch.values[n][sl] for n in data_given}
+    masks = {n: batch.observed[n][sl] for n in data_given}
+    loc, log_var = encode(net, values, masks)
+    if num_samples > 0:
+        eps = torch.randn(
+            (num_samples, *loc.shape), device=loc.device, dtype=loc.dtype, generator=generator
+        )
+        z = loc + torch.exp(0.5 * log_var) * eps  # (S, n, D)
+    else:
+        z = loc.unsqueeze(0)
+    log_joint = net.mixture.component_log_prob(z, log_prior)  # (S, n, K)
+    return log_mean_exp(cluster_log_posterior_from_joint(log_joint), dim=0)
+
+
+def _latent_draws(
+    net: PIMAModule,
+    batch: Batch,
+    given: Sequence[str],
+    num_samples: int,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """(S, n, D) draws of z from q(z | x_S), or from the mixture prior for rows with nothing
+    given."""
+    loc, scale = latent_posterior(net, batch, given)
+    eps = torch.randn(
+        (num_samples, *loc.shape), device=loc.device, dtype=loc.dtype, generator=generator
+    )
+    z = loc + scale * eps
+    has_data = _any_observed(batch, given, slice(0, batch.size))
+    if bool(has_data.all()):
+        return z
+    prior_z = sample_mixture_prior(net, (num_samples, batch.size), generator)
+    return torch.where(has_data[None, :, None], z, prior_z)
 
 
 @torch.no_grad()
@@ -140,23 +227,11 @@ def predict_modality(
         part = batch.take(sl)
         if net.is_physics(target):
             probs = cluster_log_posterior(net, part, given, generator=generator).exp()  # (n, K)
-            cluster_means = module.cluster_means()  # (K, T)
-            scale = module.expert.noise_scale  # (K,)
-            mean = probs @ cluster_means
+            mean = probs @ module.cluster_means()
             c = torch.multinomial(probs, num_samples, replacement=True, generator=generator).T
-            noise = torch.randn(
-                (*c.shape, cluster_means.shape[-1]),
-                device=cluster_means.device,
-                dtype=cluster_means.dtype,
-                generator=generator,
-            )
-            samples = cluster_means[c] + scale[c].unsqueeze(-1) * noise  # (S, n, T)
+            samples = module.likelihood(c).sample()  # (S, n, T)
         else:
-            loc, scale = latent_posterior(net, part, given)
-            eps = torch.randn(
-                (num_samples, *loc.shape), device=loc.device, dtype=loc.dtype, generator=generator
-            )
-            z = loc + scale * eps
+            z = _latent_draws(net, part, given, num_samples, generator)
             mean = module.mean(z).mean(0)
             samples = module.likelihood(z).sample()
         q = torch.tensor([alpha, 1.0 - alpha], device=samples.device, dtype=samples.dtype)

@@ -312,7 +312,7 @@ def fit(
     lr: float = 5e-3,
     warmup_epochs: int | None = None,
     subset_training: bool = True,
-    jit: bool = True,
+    jit: bool | None = None,
     objective: str = "elbo",
     device: str | torch.device = "auto",
     seed: int = 0,
@@ -337,8 +337,9 @@ def fit(
         subset_training: encode random modality subsets (see module docstring).
         objective: ``"elbo"`` (Pyro's enumerated ELBO) or ``"closed_form"`` (the seed's closed-form
             mixture terms, :mod:`pima_pyro.inference.closed_form`; ``jit`` does not apply).
-        jit: use ``JitTraceEnum_ELBO`` (default). It computes the same loss as
-            ``TraceEnum_ELBO`` (equal to float precision at the same seed) and a step took 0.59x
+        jit: use ``JitTraceEnum_ELBO`` (default for ``objective="elbo"``; ``jit=True`` with
+            ``objective="closed_form"`` is refused: that objective is plain torch). It
+            computes the same loss as ``TraceEnum_ELBO`` (equal to float precision at the same seed) and a step took 0.59x
             the time on the digits toy (``benchmarks/speed.py``); each epoch drops its last
             incomplete batch to keep shapes fixed (a different random remainder every epoch).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ...; data are moved there once.
@@ -367,6 +368,17 @@ def fit(
         raise ValueError(f"fit: checkpoint_every must be >= 1, got {checkpoint_every}")
     if objective not in ("elbo", "closed_form"):
         raise ValueError(f"fit: objective must be 'elbo' or 'closed_form', got {objective!r}")
+    if objective == "closed_form" and net.bayesian_globals:
+        raise ValueError(
+            "fit: objective='closed_form' with bayesian_globals=True is not supported (the "
+            "closed form is written for point-estimate globals); use objective='elbo'"
+        )
+    if objective == "closed_form" and jit:
+        raise ValueError(
+            "fit: objective='closed_form' with jit=True is not supported (JIT applies to the "
+            "Pyro ELBO only); leave jit unset or pass jit=False"
+        )
+    jit = objective == "elbo" if jit is None else bool(jit)
     if resume and checkpoint_dir is None:
         raise ValueError("fit: resume=True needs checkpoint_dir")
     checkpoint_path = None if checkpoint_dir is None else Path(checkpoint_dir) / "checkpoint.pt"

@@ -28,9 +28,100 @@ from collections.abc import Callable, Mapping
 import pyro.distributions as dist
 import torch
 from torch import nn
+from torch.distributions import biject_to, constraints
 
 #: Floor on the per-cluster noise scale of an expert (relative floors are the caller's choice).
 NOISE_SCALE_MIN: float = 1e-3
+
+#: Standard deviation of the default prior on every entry of theta.
+DEFAULT_PRIOR_SCALE: float = 10.0
+
+
+def default_theta_prior(
+    shape: tuple[int, ...], like: torch.Tensor | None = None
+) -> dist.Distribution:
+    r"""The default prior on expert parameters: independent :math:`\mathcal N(0, 10^2)` over
+    ``shape`` (all dims are event dims), on the device and dtype of ``like``."""
+    zeros = torch.zeros(
+        shape,
+        device=None if like is None else like.device,
+        dtype=None if like is None else like.dtype,
+    )
+    return dist.Normal(zeros, DEFAULT_PRIOR_SCALE + zeros).to_event(len(shape))
+
+
+class IsotropicCurveNormal(dist.TorchDistribution):
+    r""":math:`\mathcal N(y; f, s^2 I_T)` over a curve of T points with one scale per curve.
+
+    .. math::
+
+        \log p(y) = -\frac{\lVert y - f\rVert^2}{2 s^2} - T \log s - \frac T2 \log 2\pi
+
+    Same density as ``Normal(f, s).to_event(1)``; the squared norm is taken before the
+    per-curve terms, which halves the work in the (draws, clusters, samples, T) tensors that
+    enumeration and NUTS evaluate.
+    """
+
+    arg_constraints = {"loc": constraints.real_vector, "scale": constraints.positive}
+    support = constraints.real_vector
+    has_rsample = True
+
+    def __init__(self, loc: torch.Tensor, scale: torch.Tensor, validate_args=None) -> None:
+        self.loc = loc
+        self.scale = scale
+        batch_shape = torch.broadcast_shapes(loc.shape[:-1], scale.shape)
+        super().__init__(batch_shape, loc.shape[-1:], validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None) -> IsotropicCurveNormal:
+        batch_shape = torch.Size(batch_shape)
+        return IsotropicCurveNormal(
+            self.loc.expand(batch_shape + self.event_shape), self.scale.expand(batch_shape)
+        )
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.loc.expand(self.batch_shape + self.event_shape)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return (self.scale**2).unsqueeze(-1).expand(self.batch_shape + self.event_shape)
+
+    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> torch.Tensor:
+        shape = self._extended_shape(torch.Size(sample_shape))
+        eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
+        return self.loc + self.scale.unsqueeze(-1) * eps
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        num_points = self.event_shape[0]
+        sq = ((value - self.loc) ** 2).sum(-1)
+        return (
+            -0.5 * sq / self.scale**2
+            - num_points * torch.log(self.scale)
+            - 0.5 * num_points * math.log(2 * math.pi)
+        )
+
+
+def curve_likelihood(means: torch.Tensor, noise_scale: torch.Tensor) -> dist.Distribution:
+    r"""The physics likelihood :math:`\mathcal N(y; f, s^2 I)` of a curve: the one definition
+    that the Pyro model, EM, the closed-form objective, queries, export and MCMC all use.
+
+    ``means`` (..., T), ``noise_scale`` (...); event shape (T,).
+    """
+    return IsotropicCurveNormal(means, noise_scale)
+
+
+def cluster_log_likelihood(
+    curves: torch.Tensor, means: torch.Tensor, noise_scale: torch.Tensor
+) -> torch.Tensor:
+    r""":math:`\log \mathcal N(y_n; f_c, s_c^2 I)` for every sample and cluster: (..., N, K).
+
+    ``curves`` (N, T), ``means`` (..., K, T), ``noise_scale`` (..., K); leading dims (e.g. draws
+    of the globals) broadcast. Evaluates :func:`curve_likelihood`.
+    """
+    likelihood = curve_likelihood(means.unsqueeze(-3), noise_scale.unsqueeze(-2))
+    return likelihood.log_prob(curves.unsqueeze(-2))
 
 
 class PhysicsExpert(nn.Module):
@@ -60,24 +151,54 @@ class PhysicsExpert(nn.Module):
         return self
 
     @property
-    def theta(self) -> torch.Tensor:
-        """Per-cluster parameters (K, P) = ``theta_unit * theta_scale``.
+    def support(self) -> constraints.Constraint:
+        """Support of one cluster's theta (event dim 1): the support of :meth:`prior`."""
+        return self.prior().support
+
+    @property
+    def theta_transform(self) -> torch.distributions.Transform:
+        """The bijection from unconstrained coordinates onto :attr:`support` (``biject_to``):
+        the point estimate, the mean-field guide and NUTS all move in these coordinates."""
+        return biject_to(self.support)
+
+    @property
+    def is_unconstrained(self) -> bool:
+        """Whether every parameter is real-valued (the bijection is the identity)."""
+        support = self.support
+        while isinstance(support, constraints.independent):
+            support = support.base_constraint
+        return support is constraints.real
+
+    @property
+    def theta_unconstrained(self) -> torch.Tensor:
+        """Unconstrained coordinates of theta (K, P) = ``theta_unit * theta_scale``.
 
         Adam moves every coordinate by about its learning rate per step, whatever its scale;
-        storing theta in units of its magnitude (set by :meth:`set_theta`) lets a yield strain
+        storing them in units of their magnitude (set by :meth:`set_theta`) lets a yield strain
         of 0.02 and a modulus of 200 train at the same relative speed.
         """
         return self.theta_unit * self.theta_scale
+
+    @property
+    def theta(self) -> torch.Tensor:
+        """Per-cluster parameters (K, P), always inside :attr:`support`."""
+        return self.theta_transform(self.theta_unconstrained)
 
     @torch.no_grad()
     def set_theta(self, theta: torch.Tensor) -> None:
         """Overwrite theta (K, P) and re-derive the per-parameter scale from its magnitude."""
         theta = torch.as_tensor(theta, dtype=self.theta_unit.dtype, device=self.theta_unit.device)
-        magnitude = theta.abs().amax(0)
+        if not bool(self.support.check(theta).all()):
+            raise ValueError(
+                f"{type(self).__name__}: theta {theta.tolist()} lies outside the support of "
+                "the expert's prior"
+            )
+        unconstrained = self.theta_transform.inv(theta)
+        magnitude = unconstrained.abs().amax(0)
         floor = 1e-3 * magnitude.max().clamp_min(1e-12)
         scale = torch.maximum(magnitude, floor)
         self.theta_scale.copy_(scale)
-        self.theta_unit.copy_(theta / scale)
+        self.theta_unit.copy_(unconstrained / scale)
 
     @property
     def noise_scale(self) -> torch.Tensor:
@@ -100,13 +221,7 @@ class PhysicsExpert(nn.Module):
 
         Default: independent :math:`\\mathcal N(0, 10^2)`, weak on the scale of typical curves.
         """
-        ref = getattr(self, "theta_unit", None)
-        zeros = torch.zeros(
-            self.num_params,
-            device=None if ref is None else ref.device,
-            dtype=None if ref is None else ref.dtype,
-        )
-        return dist.Normal(zeros, 10.0 + zeros).to_event(1)
+        return default_theta_prior((self.num_params,), getattr(self, "theta_unit", None))
 
     def initial_theta(self, mean_curves: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Data-driven start for theta (K, P) from each cluster's mean curve (K, T).
@@ -156,10 +271,17 @@ def weighted_least_squares(
         gram.shape[0], dtype=gram.dtype, device=gram.device
     )
     theta = torch.linalg.solve(gram, design.T @ mean_curves.T).T  # (K, P)
-    fitted = theta @ design.T  # (K, T)
+    return theta, weighted_residual_variance(curves, theta @ design.T, weights)
+
+
+def weighted_residual_variance(
+    curves: torch.Tensor, fitted: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    r"""The M-step noise: :math:`s_c^2 = \sum_n r_{nc} \lVert y_n - f_c\rVert^2 /
+    (T \sum_n r_{nc})` for ``curves`` (N, T), ``fitted`` (K, T), ``weights`` (N, K): (K,)."""
+    weight_sum = weights.sum(0).clamp_min(torch.finfo(curves.dtype).tiny)
     sq_resid = ((curves[:, None, :] - fitted[None]) ** 2).sum(-1)  # (N, K)
-    s2 = (weights * sq_resid).sum(0) / (safe_sum * curves.shape[-1])
-    return theta, s2
+    return (weights * sq_resid).sum(0) / (weight_sum * curves.shape[-1])
 
 
 class Polynomial(PhysicsExpert):
@@ -203,20 +325,6 @@ class LinearThroughOrigin(PhysicsExpert):
         return theta[..., :1] * t
 
 
-def gaussian_curve_log_likelihood(
-    curves: torch.Tensor, means: torch.Tensor, noise_scale: torch.Tensor
-) -> torch.Tensor:
-    r""":math:`\log \mathcal N(y_n; f_c, s_c^2 I)` for every sample and cluster: (..., N, K).
-
-    ``curves`` (N, T), ``means`` (..., K, T), ``noise_scale`` (..., K); leading dims (e.g. draws
-    of the globals) broadcast.
-    """
-    num_points = curves.shape[-1]
-    sq = ((curves[:, None, :] - means.unsqueeze(-3)) ** 2).sum(-1)
-    var = (noise_scale**2).unsqueeze(-2)
-    return -0.5 * sq / var - 0.5 * num_points * (math.log(2 * math.pi) + torch.log(var))
-
-
 def fit_weighted_nonlinear(
     expert: PhysicsExpert,
     t: torch.Tensor,
@@ -234,9 +342,11 @@ def fit_weighted_nonlinear(
     """
     weight_sum = weights.sum(0).clamp_min(torch.finfo(curves.dtype).tiny)
     mean_curves = (weights.T @ curves) / weight_sum[:, None]
-    # optimise theta / |theta_init| so that parameters of very different magnitude (a modulus
-    # of 1e2 beside a yield strain of 1e-2) are equally well conditioned
-    start = theta_init.detach()
+    # optimise in the unconstrained coordinates of the prior's support, divided by their start
+    # magnitude so that parameters of very different size (a modulus of 1e2 beside a yield
+    # strain of 1e-2) are equally well conditioned
+    transform = expert.theta_transform
+    start = transform.inv(theta_init.detach())
     magnitude = start.abs().clamp_min(1e-3 * float(start.abs().max().clamp_min(1e-12)))
     unit = (start / magnitude).clone().requires_grad_(True)
     optimizer = torch.optim.LBFGS([unit], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
@@ -244,18 +354,15 @@ def fit_weighted_nonlinear(
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        resid = mean_curves - expert.expected_curve(unit * magnitude, t)
+        resid = mean_curves - expert.expected_curve(transform(unit * magnitude), t)
         loss = (weight_sum[:, None] * resid**2).sum() / (weight_sum.sum() * scale)
         loss.backward()
         return loss
 
     with torch.enable_grad():
         optimizer.step(closure)
-    theta = (unit * magnitude).detach()
-    fitted = expert.expected_curve(theta, t)
-    sq_resid = ((curves[:, None, :] - fitted[None]) ** 2).sum(-1)
-    s2 = (weights * sq_resid).sum(0) / (weight_sum * curves.shape[-1])
-    return theta, s2
+    theta = transform(unit * magnitude).detach()
+    return theta, weighted_residual_variance(curves, expert.expected_curve(theta, t), weights)
 
 
 class ExponentialDecay(PhysicsExpert):
@@ -350,8 +457,13 @@ class Custom(PhysicsExpert):
             ``t`` (e.g. ``params["a"] * t`` with ``a`` of shape (..., 1)).
         param_shapes: ``name -> shape`` of each parameter; a scalar is ``(1,)``.
         priors: optional ``name -> Distribution`` with event shape ``param_shapes[name]``
-            (default: :math:`\mathcal N(0, 10^2)` on every entry).
-        init: optional ``name -> tensor`` start (default: zeros).
+            (default: :math:`\mathcal N(0, 10^2)` on every entry). A constrained prior (e.g.
+            ``LogNormal`` for a positive parameter) constrains that parameter everywhere: the
+            point estimate, the mean-field guide and NUTS move in ``biject_to(support)``
+            coordinates, so the parameter never leaves its support. Supports must be
+            elementwise (real, positive, an interval, ...).
+        init: optional ``name -> tensor`` start (default: the image of 0 under the support's
+            bijection: 0 for real, 1 for positive parameters).
     """
 
     def __init__(
@@ -377,6 +489,19 @@ class Custom(PhysicsExpert):
         unknown = set(self.priors) - set(self.param_shapes)
         if unknown:
             raise ValueError(f"Custom: priors name unknown parameters {sorted(unknown)}")
+        for name, prior in self.priors.items():
+            if not isinstance(prior, torch.distributions.Distribution):
+                raise TypeError(
+                    f"Custom: priors['{name}'] must be a torch/Pyro Distribution, got "
+                    f"{type(prior).__name__}"
+                )
+            if tuple(prior.batch_shape) + tuple(prior.event_shape) != self.param_shapes[name]:
+                raise ValueError(
+                    f"Custom: priors['{name}'] has shape {tuple(prior.batch_shape)} + "
+                    f"{tuple(prior.event_shape)}; parameter '{name}' has shape "
+                    f"{self.param_shapes[name]} (use .to_event() for the event dims)"
+                )
+            _elementwise_support(name, prior)
         self.init = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in (init or {}).items()}
         super().__init__()
 
@@ -398,12 +523,27 @@ class Custom(PhysicsExpert):
         return _ConcatenatedPrior(self)
 
     def initial_theta(self, mean_curves: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        origin = self.theta_transform(torch.zeros(self.num_params, dtype=mean_curves.dtype))
+        defaults = self.unpack(origin)
         parts = [
-            self.init.get(name, torch.zeros(self.sizes[name])).reshape(-1)
+            self.init.get(name, defaults[name]).reshape(-1).to(mean_curves)
             for name in self.param_shapes
         ]
-        start = torch.cat(parts).to(mean_curves)
+        start = torch.cat(parts)
         return start.expand(mean_curves.shape[0], -1).clone()
+
+
+def _elementwise_support(name: str, prior: dist.Distribution) -> constraints.Constraint:
+    """The per-entry support of a named prior; refuses supports that couple entries."""
+    support = prior.support
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    if support.event_dim != 0:
+        raise ValueError(
+            f"Custom: the prior of '{name}' has support {support}, which couples entries; "
+            "use priors with an elementwise support (real, positive, an interval)"
+        )
+    return support
 
 
 class _ConcatenatedPrior(dist.TorchDistribution):
@@ -415,16 +555,22 @@ class _ConcatenatedPrior(dist.TorchDistribution):
         self.expert = expert
         super().__init__(batch_shape=torch.Size(), event_shape=torch.Size([expert.num_params]))
 
+    @property
+    def support(self) -> constraints.Constraint:
+        parts = [_elementwise_support(n, self._part(n)) for n in self.expert.param_shapes]
+        sizes = [self.expert.sizes[n] for n in self.expert.param_shapes]
+        return constraints.independent(constraints.cat(parts, dim=-1, lengths=sizes), 1)
+
     def _part(self, name: str) -> dist.Distribution:
         prior = self.expert.priors.get(name)
         if prior is None:
-            shape = self.expert.param_shapes[name]
-            prior = dist.Normal(torch.zeros(shape), 10.0 * torch.ones(shape)).to_event(len(shape))
+            prior = default_theta_prior(self.expert.param_shapes[name])
         return prior
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        batch = value.shape[:-1]
         params = self.expert.unpack(value)
-        return sum(self._part(n).log_prob(v) for n, v in params.items())
+        return sum(self._part(n).log_prob(v).reshape(*batch, -1).sum(-1) for n, v in params.items())
 
     def sample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> torch.Tensor:
         sample_shape = torch.Size(sample_shape)

@@ -17,7 +17,12 @@ shapes the cluster posterior together with :math:`p(z \mid c)`. Sites: ``c``, ``
 With ``net.bayesian_globals`` the globals are random too (outside the plate):
 :math:`\pi \sim \mathrm{Dirichlet}(\alpha)`, :math:`\theta_{mc} \sim p_m(\theta)` (the
 expert's prior), :math:`s_{mc} \sim \mathrm{LogNormal}(0, \tau^2)`; sites ``pi``,
-``theta_<name>``, ``noise_<name>``.
+``theta_<name>``, ``noise_<name>`` (priors: :meth:`PIMAModule.global_prior_sites`).
+
+:func:`physics_model` is the physics part of the same story (the globals always random, ``z``
+and the data modalities left out, optionally replaced by a fixed per-sample evidence for ``c``):
+the model that NUTS samples. Both functions share :func:`sample_globals` and
+:func:`observe_physics`, so the two cannot drift apart.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
+from pyro.ops.indexing import Vindex
 
 from pima_pyro.data import Batch
 from pima_pyro.models.module import PIMAModule
@@ -39,28 +45,76 @@ def site_name(net: PIMAModule, name: str) -> str:
     return f"y_{name}" if net.is_physics(name) else f"x_{name}"
 
 
+def sample_globals(net: PIMAModule, bayesian: bool) -> dict[str, torch.Tensor]:
+    """The global sites ``pi``, ``theta_<m>``, ``noise_<m>``: sampled from their priors when
+    ``bayesian``, else the point estimates (``pyro.module`` parameters)."""
+    if not bayesian:
+        globals_ = {"pi": net.mixture.weights}
+        for name in net.physics_names:
+            expert = net.modalities[name].expert
+            globals_[f"theta_{name}"] = expert.theta
+            globals_[f"noise_{name}"] = expert.noise_scale
+        return globals_
+    return {site: pyro.sample(site, prior) for site, prior in net.global_prior_sites()}
+
+
+def observe_physics(
+    net: PIMAModule, batch: Batch, c: torch.Tensor, globals_: dict[str, torch.Tensor]
+) -> None:
+    """``y_<m> | c ~ N(f_m(t_m; theta_mc), s_mc^2 I)`` for each physics modality in ``batch``
+    (inside the ``data`` plate; unobserved entries masked)."""
+    for name in net.physics_names:
+        if name not in batch.values:
+            continue
+        likelihood = net.modalities[name].likelihood(
+            c, globals_[f"theta_{name}"], globals_[f"noise_{name}"]
+        )
+        with poutine.mask(mask=batch.observed.get(name)):
+            pyro.sample(f"y_{name}", likelihood, obs=batch.values[name])
+
+
+def _log_pi(pi: torch.Tensor) -> torch.Tensor:
+    return torch.log(pi.clamp_min(torch.finfo(pi.dtype).tiny))
+
+
 def model(net: PIMAModule, batch: Batch) -> None:
     """Score every observed modality of ``batch`` under the PIMA generative story."""
     pyro.module("pima", net)
-    mixture = net.mixture
-    logits = mixture.logits
-    globals_: dict[str, torch.Tensor] = {}
-    if net.bayesian_globals:
-        for site, prior in net.global_prior_sites():
-            globals_[site] = pyro.sample(site, prior)
-        logits = torch.log(globals_["pi"].clamp_min(torch.finfo(logits.dtype).tiny))
+    globals_ = sample_globals(net, net.bayesian_globals)
+    logits = net.mixture.logits if not net.bayesian_globals else _log_pi(globals_["pi"])
     with pyro.plate("data", size=batch.n_total, subsample=batch.indices):
         c = pyro.sample("c", dist.Categorical(logits=logits), infer={"enumerate": "parallel"})
-        z = pyro.sample("z", dist.Normal(mixture.loc[c], mixture.scale[c]).to_event(1))
-        for name in net.modality_names:
-            module = net.modalities[name]
-            observed = batch.values.get(name)
-            mask = batch.observed.get(name)
-            if net.is_physics(name):
-                likelihood = module.likelihood(
-                    c, globals_.get(f"theta_{name}"), globals_.get(f"noise_{name}")
-                )
-            else:
-                likelihood = module.likelihood(z)
-            with poutine.mask(mask=mask):
-                pyro.sample(site_name(net, name), likelihood, obs=observed)
+        z = pyro.sample("z", net.mixture.component(c))
+        for name in net.data_names:
+            if name not in batch.values:
+                continue
+            with poutine.mask(mask=batch.observed.get(name)):
+                pyro.sample(f"x_{name}", net.modalities[name].likelihood(z), obs=batch.values[name])
+        observe_physics(net, batch, c, globals_)
+
+
+def physics_model(
+    net: PIMAModule, batch: Batch, cluster_log_evidence: torch.Tensor | None = None
+) -> None:
+    r"""The physics part of the story with random globals (no ``z``, no data modalities):
+
+    .. math::
+
+        \pi \sim \mathrm{Dirichlet},\ \theta_{mc} \sim p_m(\theta),\ s_{mc} \sim
+        \mathrm{LogNormal};\quad c_n \sim \mathrm{Categorical}(\pi),\quad
+        y_{mn} \mid c_n \sim \mathcal N(f_m(t_m; \theta_{m c_n}), s_{m c_n}^2 I)
+
+    with ``c`` enumerated. ``cluster_log_evidence`` (N, K), when given, adds a fixed factor
+    :math:`\ell_{nc} = \log p(x_{D,n} \mid c)` (up to a constant in c) per sample: the data
+    modalities' evidence for the cluster from a fitted network. No ``pyro.module``: the
+    networks and point estimates are constants here.
+    """
+    globals_ = sample_globals(net, bayesian=True)
+    with pyro.plate("data", size=batch.n_total, subsample=batch.indices):
+        c = pyro.sample(
+            "c", dist.Categorical(logits=_log_pi(globals_["pi"])), infer={"enumerate": "parallel"}
+        )
+        if cluster_log_evidence is not None:
+            rows = torch.arange(cluster_log_evidence.shape[0], device=cluster_log_evidence.device)
+            pyro.factor("data_evidence", Vindex(cluster_log_evidence)[rows, c])
+        observe_physics(net, batch, c, globals_)

@@ -57,6 +57,11 @@ def encode(
     )
 
 
+def latent_distribution(loc: torch.Tensor, log_var: torch.Tensor) -> dist.Distribution:
+    r""":math:`q(z \mid x_S) = \mathcal N(\mu, \sigma^2)` from the PoE output; event (D,)."""
+    return dist.Normal(loc, torch.exp(0.5 * log_var)).to_event(1)
+
+
 class GivenNoiseNormal(dist.Normal):
     """A Normal whose reparameterised draw is ``loc + scale * noise`` for given ``noise``.
 
@@ -91,9 +96,8 @@ def guide(net: PIMAModule, batch: Batch) -> None:
     masks = batch.encode if batch.encode is not None else batch.observed
     loc, log_var = encode(net, batch.values, masks)
     with pyro.plate("data", size=batch.n_total, subsample=batch.indices):
-        scale = torch.exp(0.5 * log_var)
         if batch.noise is None:
-            q = dist.Normal(loc, scale)
+            q = latent_distribution(loc, log_var)
         else:
-            q = GivenNoiseNormal(loc, scale, batch.noise)
-        pyro.sample("z", q.to_event(1))
+            q = GivenNoiseNormal(loc, torch.exp(0.5 * log_var), batch.noise).to_event(1)
+        pyro.sample("z", q)

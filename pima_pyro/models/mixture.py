@@ -13,11 +13,31 @@ from __future__ import annotations
 
 import math
 
+import pyro.distributions as dist
 import torch
 from torch import nn
 
 #: Floor on each mixture component's standard deviation.
 SCALE_MIN: float = 1e-2
+
+
+def marginalize_clusters(log_joint: torch.Tensor) -> torch.Tensor:
+    r""":math:`\log \sum_c \exp a_c` over the last dim (K): the exact sum over the cluster.
+
+    Every path that sums ``c`` out by hand (EM, the closed-form objective, queries, the export)
+    calls this; the Pyro model leaves it to ``TraceEnum_ELBO``.
+    """
+    return torch.logsumexp(log_joint, dim=-1)
+
+
+def cluster_log_posterior_from_joint(log_joint: torch.Tensor) -> torch.Tensor:
+    r""":math:`\log p(c \mid \cdot) = a_c - \log\sum_{c'} \exp a_{c'}` over the last dim."""
+    return log_joint - marginalize_clusters(log_joint).unsqueeze(-1)
+
+
+def log_mean_exp(log_values: torch.Tensor, dim: int) -> torch.Tensor:
+    r""":math:`\log \frac1S \sum_s \exp v_s` over ``dim`` (Monte-Carlo averages in log space)."""
+    return torch.logsumexp(log_values, dim=dim) - math.log(log_values.shape[dim])
 
 
 def _inverse_softplus(x: torch.Tensor) -> torch.Tensor:
@@ -39,9 +59,14 @@ class GaussianMixturePrior(nn.Module):
         )
 
     @property
+    def log_weights(self) -> torch.Tensor:
+        """:math:`\\log\\pi` (K,)."""
+        return cluster_log_posterior_from_joint(self.logits)
+
+    @property
     def weights(self) -> torch.Tensor:
         """Mixture weights :math:`\\pi` (K,)."""
-        return torch.softmax(self.logits, -1)
+        return self.log_weights.exp()
 
     @property
     def scale(self) -> torch.Tensor:
@@ -68,6 +93,15 @@ class GaussianMixturePrior(nn.Module):
             + (var[:, None, :] + (loc[:, None, :] - self.loc[None]) ** 2) / sigma2[None]
         ).sum(-1)
 
+    def component(self, c: torch.Tensor | None = None) -> dist.Distribution:
+        r""":math:`p(z \mid c) = \mathcal N(\mu_c, \operatorname{diag}\sigma_c^2)`, event shape
+        (D,); with ``c=None`` a batch over all K components. The one definition of the latent
+        prior's density (the Pyro model and every query call it)."""
+        loc, scale = self.loc, self.scale
+        if c is not None:
+            loc, scale = loc[c], scale[c]
+        return dist.Normal(loc, scale).to_event(1)
+
     def component_log_prob(
         self, z: torch.Tensor, log_weights: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -75,10 +109,6 @@ class GaussianMixturePrior(nn.Module):
 
         ``log_weights`` replaces :math:`\log\pi` (e.g. a posterior mean under Bayesian globals).
         """
-        scale = self.scale
-        diff = (z.unsqueeze(-2) - self.loc) / scale
-        log_norm = -0.5 * (diff**2).sum(-1) - torch.log(scale).sum(-1)
-        log_norm = log_norm - 0.5 * self.latent_dim * math.log(2 * math.pi)
         if log_weights is None:
-            log_weights = torch.log_softmax(self.logits, -1)
-        return log_weights + log_norm
+            log_weights = self.log_weights
+        return log_weights + self.component().log_prob(z.unsqueeze(-2))

@@ -20,7 +20,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from pima_pyro.models.experts import PhysicsExpert
+from pima_pyro.models.experts import PhysicsExpert, cluster_log_likelihood, curve_likelihood
 from pima_pyro.models.networks import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
 
 NETWORKS = ("mlp", "cnn")
@@ -222,7 +222,23 @@ class PhysicsModalityModule(nn.Module):
         scale = self.expert.noise_scale if noise_scale is None else noise_scale
         if c is not None:
             means, scale = means[c], scale[c]
-        return dist.Normal(means, scale.unsqueeze(-1).expand_as(means)).to_event(1)
+        return curve_likelihood(means, scale)
+
+    def cluster_log_likelihood(
+        self,
+        curves: torch.Tensor,
+        theta: torch.Tensor | None = None,
+        noise_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """:math:`\\log p(y_n \\mid c)` for curves (N, T) and every cluster: (..., N, K).
+
+        ``theta`` (..., K, P) and ``noise_scale`` (..., K) default to the point estimates;
+        leading dims (draws of the globals) broadcast.
+        """
+        theta = self.expert.theta if theta is None else theta
+        scale = self.expert.noise_scale if noise_scale is None else noise_scale
+        means = self.expert.expected_curve(theta, self.grid)
+        return cluster_log_likelihood(curves, means, scale)
 
 
 __all__ = [

@@ -9,12 +9,14 @@ optimisers, ``state_dict`` checkpoints and ``.to(device)``.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 
 import pyro.distributions as dist
 import torch
 from torch import nn
 
-from pima_pyro.models.mixture import GaussianMixturePrior
+from pima_pyro.models.experts import PhysicsExpert
+from pima_pyro.models.mixture import GaussianMixturePrior, cluster_log_posterior_from_joint
 from pima_pyro.models.modalities import (
     DataModalityModule,
     Modality,
@@ -59,22 +61,19 @@ class PIMAModule(nn.Module):
                 )
                 expert.q_noise_log_sd = nn.Parameter(torch.full((n_clusters,), -4.0))
 
-    # ---- Bayesian globals --------------------------------------------------------------------
+    # ---- globals ------------------------------------------------------------------------------
     def global_prior_sites(self) -> list[tuple[str, dist.Distribution]]:
-        r"""Priors of the global sites: ``pi`` ~ Dirichlet(alpha), ``theta_<m>`` ~ the expert's
-        prior for each cluster, ``noise_<m>`` ~ LogNormal(0, noise_prior_scale) per cluster."""
+        r"""The priors of the global sites, the one definition every path uses (the Pyro model
+        under ``bayesian_globals``, the physics model that NUTS samples, the export):
+
+        * ``pi`` ~ Dirichlet(:math:`\alpha` = ``dirichlet_concentration``), (K,);
+        * ``theta_<m>`` ~ the expert's prior (:meth:`PhysicsExpert.prior`) per cluster, (K, P);
+        * ``noise_<m>`` ~ LogNormal(0, ``noise_prior_scale``) per cluster, (K,).
+        """
         ref = self.mixture.loc
         k = self.n_clusters
-        sites = [
-            (
-                "pi",
-                dist.Dirichlet(
-                    torch.full(
-                        (k,), self.dirichlet_concentration, dtype=ref.dtype, device=ref.device
-                    )
-                ),
-            )
-        ]
+        alpha = torch.full((k,), self.dirichlet_concentration, dtype=ref.dtype, device=ref.device)
+        sites: list[tuple[str, dist.Distribution]] = [("pi", dist.Dirichlet(alpha))]
         for name in self.physics_names:
             expert = self.modalities[name].expert
             sites.append((f"theta_{name}", expert.prior().expand([k]).to_event(1)))
@@ -85,13 +84,20 @@ class PIMAModule(nn.Module):
         return sites
 
     def global_guide_sites(self) -> list[tuple[str, dist.Distribution]]:
-        """The mean-field guide's distribution for each global site."""
+        """The mean-field guide's distribution for each global site: Dirichlet for ``pi``, a
+        Normal in the unconstrained coordinates of each expert's support (mapped through
+        ``biject_to``) for ``theta_<m>``, LogNormal for ``noise_<m>``."""
         concentration = torch.exp(self.q_pi_log_concentration).clamp(1e-3, 1e8)
         sites: list[tuple[str, dist.Distribution]] = [("pi", dist.Dirichlet(concentration))]
         for name in self.physics_names:
             expert = self.modalities[name].expert
             theta_sd = torch.exp(expert.q_theta_log_sd) * expert.theta_scale
-            sites.append((f"theta_{name}", dist.Normal(expert.theta, theta_sd).to_event(2)))
+            q_theta: dist.Distribution = dist.Normal(expert.theta_unconstrained, theta_sd).to_event(
+                2
+            )
+            if not expert.is_unconstrained:
+                q_theta = dist.TransformedDistribution(q_theta, [expert.theta_transform])
+            sites.append((f"theta_{name}", q_theta))
             noise_sd = torch.exp(expert.q_noise_log_sd)
             sites.append(
                 (
@@ -101,6 +107,17 @@ class PIMAModule(nn.Module):
             )
         return sites
 
+    def point_globals(self) -> dict[str, torch.Tensor]:
+        """Plug-in values of the global sites: the point estimates, or under
+        ``bayesian_globals`` the guide's posterior mean of ``pi`` and its centre (the median,
+        mapped to the support) for ``theta_<m>`` and ``noise_<m>``."""
+        out = {"pi": self.plug_in_logits().exp()}
+        for name in self.physics_names:
+            expert = self.modalities[name].expert
+            out[f"theta_{name}"] = expert.theta
+            out[f"noise_{name}"] = expert.noise_scale
+        return out
+
     @torch.no_grad()
     def init_global_guide(
         self, weights: torch.Tensor, n_samples: int, counts: dict[str, torch.Tensor] | None = None
@@ -109,8 +126,9 @@ class PIMAModule(nn.Module):
 
         pi: Dirichlet with concentration :math:`\alpha + N \pi`. theta of cluster c: standard
         deviations :math:`s_c \sqrt{\operatorname{diag}(J^\top J)^{-1} / N_c}` with
-        :math:`J = \partial f / \partial\theta` on the grid and :math:`N_c` the cluster's
-        (responsibility-weighted) count in ``counts[name]``; log noise:
+        :math:`J = \partial f / \partial u` on the grid (u: the unconstrained coordinates of
+        theta) and :math:`N_c` the cluster's (responsibility-weighted) count in
+        ``counts[name]``; log noise:
         :math:`1 / \sqrt{2 N_c T}`.
         """
         if not self.bayesian_globals:
@@ -128,12 +146,12 @@ class PIMAModule(nn.Module):
                 jac = torch.stack(
                     [
                         torch.autograd.functional.jacobian(
-                            lambda th, e=expert, g=grid: e.expected_curve(th, g),
-                            expert.theta[c].detach(),
+                            partial(_curve_of_unconstrained, expert, grid),
+                            expert.theta_unconstrained[c].detach(),
                         )
                         for c in range(self.n_clusters)
                     ]
-                )  # (K, T, P)
+                )  # (K, T, P), in the guide's unconstrained coordinates
             gram = jac.transpose(1, 2) @ jac
             eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
             gram = gram + 1e-9 * gram.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] * eye
@@ -144,10 +162,11 @@ class PIMAModule(nn.Module):
             expert.q_noise_log_sd.copy_(-0.5 * torch.log(2 * n_c * grid.shape[0]))
 
     def plug_in_logits(self) -> torch.Tensor:
-        """log pi used by queries: the guide's mean under Bayesian globals, else the estimate."""
+        r""":math:`\log\pi` used by queries: under Bayesian globals the log of the guide's
+        posterior mean :math:`\alpha_c / \sum_{c'}\alpha_{c'}`, else the point estimate."""
         if self.bayesian_globals:
-            return torch.log_softmax(self.q_pi_log_concentration, -1)
-        return torch.log_softmax(self.mixture.logits, -1)
+            return cluster_log_posterior_from_joint(self.q_pi_log_concentration)
+        return self.mixture.log_weights
 
     @property
     def physics_names(self) -> tuple[str, ...]:
@@ -163,3 +182,9 @@ class PIMAModule(nn.Module):
 
     def is_physics(self, name: str) -> bool:
         return isinstance(self.modalities[name].spec, PhysicsModality)
+
+
+def _curve_of_unconstrained(
+    expert: PhysicsExpert, grid: torch.Tensor, unconstrained: torch.Tensor
+) -> torch.Tensor:
+    return expert.expected_curve(expert.theta_transform(unconstrained), grid)
