@@ -380,7 +380,7 @@ class PIMA:
         seed: int = 0,
         order_by: tuple[str, int] | None = None,
         data_evidence: bool = False,
-        init_scale: float = 0.25,
+        init_scale: float = 3.0,
         progress: bool = False,
     ) -> MCMCResult:
         """NUTS over (pi, theta, noise) of the physics part of the model given the curves in

@@ -66,9 +66,15 @@ def test_closed_form_is_below_the_enumerated_elbo_in_expectation():
 
 
 @pytest.mark.parametrize("objective", ["elbo", "closed_form"])
-def test_fit_with_either_objective_recovers_clusters(objective):
+def test_fit_with_either_objective_trains_the_image_encoder(objective):
+    # Joint accuracy is no test of the objective: the physics EM start alone gives 0.99 (lr
+    # 1e-12 measured: joint 0.992, image-only 0.148). Held-out image-only accuracy needs a
+    # working objective: measured 0.695 (elbo) and 0.776 (closed form) at these settings.
     data = digits_affine(seed=0).subset(np.arange(700))
+    train, test = data.train_test_split(0.3, seed=0)
     model = PIMA(affine_modalities(), n_clusters=10, latent_dim=4)
-    model.fit(data, epochs=60, seed=0, progress=False, objective=objective)
-    acc, _ = matched_accuracy(data.labels.numpy(), model.predict_clusters(data))
-    assert acc >= 0.97
+    model.fit(train, epochs=60, seed=0, progress=False, objective=objective)
+    image_only, _ = matched_accuracy(
+        test.labels.numpy(), model.predict_clusters(test, given=["image"])
+    )
+    assert image_only >= 0.6

@@ -5,7 +5,6 @@ import warnings
 import arviz as az
 import numpy as np
 import pytest
-import torch
 import xarray as xr
 
 from pima_pyro import PIMA

@@ -15,7 +15,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from pima_pyro.models.experts import PhysicsExpert
+from pima_pyro.models.experts import DEFAULT_PRIOR_SCALE, PhysicsExpert
 from pima_pyro.models.mixture import GaussianMixturePrior, cluster_log_posterior_from_joint
 from pima_pyro.models.modalities import (
     DataModalityModule,
@@ -137,10 +137,31 @@ class PIMAModule(nn.Module):
         self.q_pi_log_concentration.copy_(torch.log(conc))
         if counts is None:
             return
+        for name, (theta_cov, log_noise_sd) in self.laplace_scales(counts).items():
+            expert = self.modalities[name].expert
+            theta_sd = theta_cov.diagonal(dim1=-2, dim2=-1).clamp_min(1e-30).sqrt()
+            expert.q_theta_log_sd.copy_(torch.log(theta_sd / expert.theta_scale))
+            expert.q_noise_log_sd.copy_(log_noise_sd)
+
+    @torch.no_grad()
+    def laplace_scales(
+        self, counts: Mapping[str, torch.Tensor]
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        r"""Approximate posterior covariances of each physics modality's globals at the
+        current estimates, from ``counts[name]`` (K,), the cluster sizes :math:`N_c`:
+
+        theta (K, P, P), in the unconstrained coordinates :math:`u` of the expert's support:
+        :math:`(N_c J^\top J / s_c^2 + I / 10^2)^{-1}` with :math:`J =
+        \partial f / \partial u` on the grid (the second term: the default prior's precision,
+        which keeps a nearly empty cluster at its prior width); the log of the log noise's
+        standard deviation (K,): :math:`-\tfrac12 \log(2 N_c T + 1/\tau^2)`, :math:`\tau` =
+        ``noise_prior_scale``.
+        """
+        out = {}
         for name in self.physics_names:
             module = self.modalities[name]
             expert = module.expert
-            n_c = counts[name].to(expert.theta_unit).clamp_min(1.0)
+            n_c = counts[name].to(expert.theta_unit).clamp_min(0.0)
             grid = module.grid
             with torch.enable_grad():
                 jac = torch.stack(
@@ -151,15 +172,14 @@ class PIMAModule(nn.Module):
                         )
                         for c in range(self.n_clusters)
                     ]
-                )  # (K, T, P), in the guide's unconstrained coordinates
-            gram = jac.transpose(1, 2) @ jac
-            eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-            gram = gram + 1e-9 * gram.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] * eye
-            var = torch.linalg.inv(gram).diagonal(dim1=1, dim2=2)
-            var = var * expert.noise_scale[:, None] ** 2 / n_c[:, None]
-            sd_units = var.clamp_min(1e-30).sqrt() / expert.theta_scale
-            expert.q_theta_log_sd.copy_(torch.log(sd_units))
-            expert.q_noise_log_sd.copy_(-0.5 * torch.log(2 * n_c * grid.shape[0]))
+                )  # (K, T, P)
+            weight = (n_c / expert.noise_scale**2)[:, None, None]
+            data_precision = jac.transpose(1, 2) @ jac * weight
+            eye = torch.eye(data_precision.shape[-1], dtype=jac.dtype, device=jac.device)
+            var = torch.linalg.inv(data_precision + eye / DEFAULT_PRIOR_SCALE**2)
+            noise_precision = 2 * n_c * grid.shape[0] + 1.0 / self.noise_prior_scale**2
+            out[name] = (var, -0.5 * torch.log(noise_precision))
+        return out
 
     def plug_in_logits(self) -> torch.Tensor:
         r""":math:`\log\pi` used by queries: under Bayesian globals the log of the guide's
