@@ -169,3 +169,23 @@ def test_ppc_by_cluster_and_physics_bands(point_model, data, tmp_path):
     fig = plot_physics_bands(tree, "curve", LinearThroughOrigin(), tmp_path / "bands.png")
     assert (tmp_path / "bands.png").stat().st_size > 0
     assert len(fig.axes) == 1
+
+
+def test_point_estimate_export_warns_that_loo_is_in_sample(point_model, data):
+    with pytest.warns(UserWarning, match="in-sample"):
+        tree = point_model.to_datatree(data, num_samples=3, posterior_predictive=False)
+    ll = tree["log_likelihood"].to_dataset()
+    assert "in-sample" in ll.attrs["warning"]
+    assert ll.attrs["importance_draws"] == 64
+    assert ll.attrs["curve_mc_se_max"] == 0.0  # physics terms are exact
+    assert 0 < ll.attrs["total_mc_se_mean"] < 1.0
+
+
+def test_bayesian_export_log_likelihood_varies_with_the_global_draws(bayes_model, data):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no in-sample warning here
+        tree = bayes_model.to_datatree(data, num_samples=40, posterior_predictive=False)
+    ll = tree["log_likelihood"].to_dataset()
+    assert "warning" not in ll.attrs
+    assert float(ll["curve"].std("draw").min()) > 0
+    assert float(ll["total"].std("draw").min()) > 0

@@ -340,8 +340,9 @@ def fit(
         jit: use ``JitTraceEnum_ELBO`` (default for ``objective="elbo"``; ``jit=True`` with
             ``objective="closed_form"`` is refused: that objective is plain torch). It
             computes the same loss as ``TraceEnum_ELBO`` (equal to float precision at the
-            same seed) and a step took 0.59x the time on the digits toy (``benchmarks/speed.py``); each epoch drops its last
-            incomplete batch to keep shapes fixed (a different random remainder every epoch).
+            same seed) and a step took 0.59x the time on the digits toy
+            (``benchmarks/speed.py``); each epoch drops its last incomplete batch to keep
+            shapes fixed (a different random remainder every epoch).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ...; data are moved there once.
         seed: seeds torch, numpy and Pyro; same seed, data and device give the same result.
         num_threads: torch intra-op threads (``None`` leaves torch's setting).

@@ -103,6 +103,15 @@ class IsotropicCurveNormal(dist.TorchDistribution):
         )
 
 
+def _unit_scale(magnitude: torch.Tensor) -> torch.Tensor:
+    """Per-coordinate units for optimisation: the magnitude, floored at 1e-3 of the largest;
+    1 where everything is 0 (a start at the origin must still be able to move)."""
+    largest = float(magnitude.max()) if magnitude.numel() else 0.0
+    if largest == 0.0:
+        return torch.ones_like(magnitude)
+    return magnitude.clamp_min(1e-3 * largest)
+
+
 def curve_likelihood(means: torch.Tensor, noise_scale: torch.Tensor) -> dist.Distribution:
     r"""The physics likelihood :math:`\mathcal N(y; f, s^2 I)` of a curve: the one definition
     that the Pyro model, EM, the closed-form objective, queries, export and MCMC all use.
@@ -194,9 +203,7 @@ class PhysicsExpert(nn.Module):
                 "the expert's prior"
             )
         unconstrained = self.theta_transform.inv(theta)
-        magnitude = unconstrained.abs().amax(0)
-        floor = 1e-3 * magnitude.max().clamp_min(1e-12)
-        scale = torch.maximum(magnitude, floor)
+        scale = _unit_scale(unconstrained.abs().amax(0))
         self.theta_scale.copy_(scale)
         self.theta_unit.copy_(unconstrained / scale)
 
@@ -347,7 +354,7 @@ def fit_weighted_nonlinear(
     # strain of 1e-2) are equally well conditioned
     transform = expert.theta_transform
     start = transform.inv(theta_init.detach())
-    magnitude = start.abs().clamp_min(1e-3 * float(start.abs().max().clamp_min(1e-12)))
+    magnitude = _unit_scale(start.abs())
     unit = (start / magnitude).clone().requires_grad_(True)
     optimizer = torch.optim.LBFGS([unit], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
     scale = mean_curves.pow(2).mean().clamp_min(1e-12)

@@ -55,7 +55,8 @@ def sample_globals(net: PIMAModule, bayesian: bool) -> dict[str, torch.Tensor]:
             globals_[f"theta_{name}"] = expert.theta
             globals_[f"noise_{name}"] = expert.noise_scale
         return globals_
-    return {site: pyro.sample(site, prior) for site, prior in net.global_prior_sites()}
+    draws = {site: pyro.sample(site, prior) for site, prior in net.global_prior_sites()}
+    return net.with_fixed_globals(draws)
 
 
 def observe_physics(

@@ -73,7 +73,10 @@ class PIMAModule(nn.Module):
         ref = self.mixture.loc
         k = self.n_clusters
         alpha = torch.full((k,), self.dirichlet_concentration, dtype=ref.dtype, device=ref.device)
-        sites: list[tuple[str, dist.Distribution]] = [("pi", dist.Dirichlet(alpha))]
+        # with one cluster pi = (1,) is not random: no site (a 1-simplex has no coordinates)
+        sites: list[tuple[str, dist.Distribution]] = []
+        if k > 1:
+            sites.append(("pi", dist.Dirichlet(alpha)))
         for name in self.physics_names:
             expert = self.modalities[name].expert
             sites.append((f"theta_{name}", expert.prior().expand([k]).to_event(1)))
@@ -88,7 +91,9 @@ class PIMAModule(nn.Module):
         Normal in the unconstrained coordinates of each expert's support (mapped through
         ``biject_to``) for ``theta_<m>``, LogNormal for ``noise_<m>``."""
         concentration = torch.exp(self.q_pi_log_concentration).clamp(1e-3, 1e8)
-        sites: list[tuple[str, dist.Distribution]] = [("pi", dist.Dirichlet(concentration))]
+        sites: list[tuple[str, dist.Distribution]] = []
+        if self.n_clusters > 1:
+            sites.append(("pi", dist.Dirichlet(concentration)))
         for name in self.physics_names:
             expert = self.modalities[name].expert
             theta_sd = torch.exp(expert.q_theta_log_sd) * expert.theta_scale
@@ -106,6 +111,16 @@ class PIMAModule(nn.Module):
                 )
             )
         return sites
+
+    def with_fixed_globals(self, draws: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``draws`` of the global sites plus ``pi = (1,)`` when K = 1 (not a random site)."""
+        out = dict(draws)
+        if "pi" not in out:
+            theta = next((v for k, v in out.items() if k.startswith("theta_")), None)
+            ref = self.mixture.loc if theta is None else theta
+            shape = () if theta is None else theta.shape[:-2]
+            out["pi"] = torch.ones(*shape, 1, dtype=ref.dtype, device=ref.device)
+        return out
 
     def point_globals(self) -> dict[str, torch.Tensor]:
         """Plug-in values of the global sites: the point estimates, or under
