@@ -41,7 +41,7 @@ from pima_pyro.inference.marginal import pointwise_log_likelihood
 from pima_pyro.inference.mcmc import MCMCResult
 from pima_pyro.models.experts import curve_likelihood
 from pima_pyro.models.guide import encode, latent_distribution
-from pima_pyro.models.mixture import cluster_log_posterior_from_joint
+from pima_pyro.models.mixture import cluster_log_posterior_from_joint, log_weights_of
 from pima_pyro.models.module import PIMAModule
 
 ARVIZ_GROUPS = (
@@ -180,7 +180,7 @@ def _local_draws(
     num_samples = draws["pi"].shape[0]
     loc, log_var = encode(net, batch.values, batch.observed)
     z = latent_distribution(loc, log_var).sample((num_samples,))
-    log_pi = torch.log(draws["pi"].clamp_min(torch.finfo(z.dtype).tiny))  # (S, K)
+    log_pi = log_weights_of(draws["pi"])  # (S, K)
     log_joint = log_pi[:, None, :] + net.mixture.component().log_prob(z.unsqueeze(-2))
     for name in names:
         if net.is_physics(name):

@@ -33,15 +33,11 @@ import torch
 
 from pima_pyro.data import Batch
 from pima_pyro.models.guide import encode, latent_distribution
-from pima_pyro.models.mixture import log_mean_exp, marginalize_clusters
+from pima_pyro.models.mixture import log_mean_exp, log_weights_of, marginalize_clusters
 from pima_pyro.models.module import PIMAModule
 
 #: Upper bound on the elements of the (draws, J, rows, K) tensor held at once.
 MAX_ELEMENTS: int = 2**24
-
-
-def _log_pi(pi: torch.Tensor) -> torch.Tensor:
-    return torch.log(pi.clamp_min(torch.finfo(pi.dtype).tiny))
 
 
 def _physics_cluster_terms(
@@ -128,7 +124,7 @@ def pointwise_log_likelihood(
         raise ValueError(f"num_importance must be an int >= 2, got {num_importance!r}")
     physics = [n for n in names if net.is_physics(n)]
     data = [n for n in names if not net.is_physics(n)]
-    log_pi = _log_pi(draws["pi"])  # (S, K)
+    log_pi = log_weights_of(draws["pi"])  # (S, K)
     n_draws, k = log_pi.shape
     phys = _physics_cluster_terms(net, batch, physics, draws)
     zeros = log_pi.new_zeros(n_draws, batch.size, k)

@@ -55,7 +55,7 @@ from torch.distributions import ComposeTransform, Transform, biject_to, constrai
 from pima_pyro.data import Batch
 from pima_pyro.inference.marginal import pointwise_log_likelihood
 from pima_pyro.models.generative import MAX_PLATE_NESTING, physics_model
-from pima_pyro.models.mixture import cluster_log_posterior_from_joint
+from pima_pyro.models.mixture import cluster_log_posterior_from_joint, log_weights_of
 from pima_pyro.models.module import PIMAModule
 
 
@@ -188,9 +188,7 @@ def physics_nuts(
         initial = {k: v[0] for k, v in initial.items()}
     counter = _CountingPotential(potential_fn)
     recorder = _StatsRecorder(counter)
-    kernel = NUTS(
-        potential_fn=counter, adapt_mass_matrix=adapt_mass_matrix, target_accept_prob=0.8
-    )
+    kernel = NUTS(potential_fn=counter, adapt_mass_matrix=adapt_mass_matrix, target_accept_prob=0.8)
     mcmc = MCMC(
         kernel,
         num_samples=num_samples,
@@ -250,7 +248,7 @@ def standardising_transforms(
     NUTS needs short trajectories from its first warm-up step instead of adapting a mass
     matrix across scales that differ by orders of magnitude (the cost on the decay curves)."""
     point = net.point_globals()
-    log_joint = torch.log(point["pi"].clamp_min(1e-300)).expand(batch.size, -1)
+    log_joint = log_weights_of(point["pi"]).expand(batch.size, -1)
     for name in batch.values:
         ll = net.modalities[name].cluster_log_likelihood(batch.values[name])
         log_joint = log_joint + ll * batch.observed[name][:, None]

@@ -34,6 +34,7 @@ from pyro import poutine
 from pyro.ops.indexing import Vindex
 
 from pima_pyro.data import Batch
+from pima_pyro.models.mixture import log_weights_of
 from pima_pyro.models.module import PIMAModule
 
 #: The only plate is ``data``; enumeration of ``c`` uses the dimension to its left.
@@ -74,15 +75,11 @@ def observe_physics(
             pyro.sample(f"y_{name}", likelihood, obs=batch.values[name])
 
 
-def _log_pi(pi: torch.Tensor) -> torch.Tensor:
-    return torch.log(pi.clamp_min(torch.finfo(pi.dtype).tiny))
-
-
 def model(net: PIMAModule, batch: Batch) -> None:
     """Score every observed modality of ``batch`` under the PIMA generative story."""
     pyro.module("pima", net)
     globals_ = sample_globals(net, net.bayesian_globals)
-    logits = net.mixture.logits if not net.bayesian_globals else _log_pi(globals_["pi"])
+    logits = net.mixture.logits if not net.bayesian_globals else log_weights_of(globals_["pi"])
     with pyro.plate("data", size=batch.n_total, subsample=batch.indices):
         c = pyro.sample("c", dist.Categorical(logits=logits), infer={"enumerate": "parallel"})
         z = pyro.sample("z", net.mixture.component(c))
@@ -113,7 +110,9 @@ def physics_model(
     globals_ = sample_globals(net, bayesian=True)
     with pyro.plate("data", size=batch.n_total, subsample=batch.indices):
         c = pyro.sample(
-            "c", dist.Categorical(logits=_log_pi(globals_["pi"])), infer={"enumerate": "parallel"}
+            "c",
+            dist.Categorical(logits=log_weights_of(globals_["pi"])),
+            infer={"enumerate": "parallel"},
         )
         if cluster_log_evidence is not None:
             rows = torch.arange(cluster_log_evidence.shape[0], device=cluster_log_evidence.device)

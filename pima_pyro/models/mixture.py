@@ -35,6 +35,12 @@ def cluster_log_posterior_from_joint(log_joint: torch.Tensor) -> torch.Tensor:
     return log_joint - marginalize_clusters(log_joint).unsqueeze(-1)
 
 
+def log_weights_of(pi: torch.Tensor) -> torch.Tensor:
+    """:math:`\\log\\pi` of mixture weights on the simplex, floored at the dtype's smallest
+    positive number so that an empty component gives a large negative number, never -inf."""
+    return torch.log(pi.clamp_min(torch.finfo(pi.dtype).tiny))
+
+
 def log_mean_exp(log_values: torch.Tensor, dim: int) -> torch.Tensor:
     r""":math:`\log \frac1S \sum_s \exp v_s` over ``dim`` (Monte-Carlo averages in log space)."""
     return torch.logsumexp(log_values, dim=dim) - math.log(log_values.shape[dim])
