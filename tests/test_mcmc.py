@@ -11,7 +11,7 @@ import torch
 from pyro.ops.stats import effective_sample_size
 
 from pima_pyro import PIMA, Custom, LinearThroughOrigin, MultimodalData, PhysicsModality
-from pima_pyro.inference.mcmc import physics_nuts
+from pima_pyro.inference.mcmc import physics_nuts, relabel
 
 NOISE = 0.5
 PRIOR_SD = 10.0  # the default prior on expert parameters
@@ -53,7 +53,7 @@ def test_single_cluster_matches_conjugate_posterior():
         num_samples=400,
         warmup_steps=300,
         num_chains=2,
-        condition={"pi": torch.ones(1), "noise_y": torch.full((1,), NOISE)},
+        condition={"noise_y": torch.full((1,), NOISE)},
     )
     draws = result.samples["theta_y"][..., 0, 0]
     mean, sd = conjugate_slope(data.values["y"].double().numpy(), data.grids["y"].double().numpy())
@@ -130,7 +130,7 @@ def test_lognormal_prior_custom_expert_nuts_and_svi_match_quadrature():
         num_samples=500,
         warmup_steps=300,
         num_chains=2,
-        condition={"pi": torch.ones(1), "noise_y": torch.full((1,), NOISE)},
+        condition={"noise_y": torch.full((1,), NOISE)},
     )
     draws = result.samples["theta_y"][..., 0, 0]
     assert np.isfinite(draws).all() and (draws > 0).all()
@@ -155,3 +155,27 @@ def test_lognormal_prior_custom_expert_nuts_and_svi_match_quadrature():
     assert a.mean() == pytest.approx(
         quadrature_posterior_unknown_noise(y, data.grids["y"].double().numpy()), rel=0.1
     )
+
+
+def test_relabel_sorts_every_draw_and_permutes_all_sites_together():
+    data = line_data([1.0, 2.0, 3.0], [4, 4, 4])
+    net = built(data, 3, LinearThroughOrigin()).module
+    gen = torch.Generator().manual_seed(0)
+    theta = torch.randn(2, 5, 3, 1, generator=gen)
+    pi = torch.rand(2, 5, 3, generator=gen)
+    noise = torch.rand(2, 5, 3, generator=gen)
+    out = relabel(net, {"pi": pi, "theta_y": theta, "noise_y": noise}, ("y", 0))
+    for chain in range(2):
+        for draw in range(5):
+            order = sorted(range(3), key=lambda c: float(theta[chain, draw, c, 0]))
+            for j, c in enumerate(order):  # brute force: cluster j of the output is c
+                assert out["theta_y"][chain, draw, j, 0] == theta[chain, draw, c, 0]
+                assert out["pi"][chain, draw, j] == pi[chain, draw, c]
+                assert out["noise_y"][chain, draw, j] == noise[chain, draw, c]
+
+
+def test_condition_on_an_unknown_site_is_refused():
+    data = line_data([2.0], [10])
+    model = built(data, 1, LinearThroughOrigin())
+    with pytest.raises(ValueError, match="condition names"):
+        physics_nuts(model.module, {"y": data.values["y"]}, condition={"pi": torch.ones(1)})

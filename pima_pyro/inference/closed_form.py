@@ -29,12 +29,10 @@ enumerates :math:`c \sim \gamma` (tested).
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from pima_pyro.data import Batch
-from pima_pyro.models.guide import encode
+from pima_pyro.models.guide import encode, latent_distribution
 from pima_pyro.models.mixture import marginalize_clusters
 from pima_pyro.models.module import PIMAModule
 
@@ -56,11 +54,11 @@ def closed_form_bound(net: PIMAModule, batch: Batch) -> torch.Tensor:
     r"""Per-sample :math:`\mathcal L_\gamma` at the optimal :math:`\gamma`, (B,)."""
     masks = batch.encode if batch.encode is not None else batch.observed
     loc, log_var = encode(net, batch.values, masks)
-    var = torch.exp(log_var)
+    q = latent_distribution(loc, log_var)
     noise = torch.randn_like(loc) if batch.noise is None else batch.noise
-    z = loc + var.sqrt() * noise
-    bound = marginalize_clusters(mixture_terms(net, batch, loc, var))
-    bound = bound + 0.5 * (1 + torch.log(2 * math.pi * var)).sum(-1)
+    z = loc + q.base_dist.scale * noise
+    bound = marginalize_clusters(mixture_terms(net, batch, loc, torch.exp(log_var)))
+    bound = bound + q.entropy()
     for name in net.data_names:
         ll = net.modalities[name].likelihood(z).log_prob(batch.values[name])
         bound = bound + ll * batch.observed[name]

@@ -95,7 +95,7 @@ def _draw_globals(net: PIMAModule, num_samples: int) -> tuple[dict[str, torch.Te
     if net.bayesian_globals:
         sites = dict(net.global_guide_sites())
         draws = {site: q.sample((num_samples,)) for site, q in sites.items()}
-        return net.with_fixed_globals(draws), "variational"
+        return net.with_fixed_globals(draws, (num_samples,)), "variational"
     point = net.point_globals()
     out = {site: v.expand(num_samples, *v.shape) for site, v in point.items()}
     return out, "point_estimate"

@@ -13,9 +13,10 @@ Label switching is handled by **relabelling**, not by the model: after sampling,
 clusters are sorted by one parameter (``order_by=(modality, parameter index)``, default the
 first parameter of the first physics modality), and ``pi``, every ``theta`` and ``noise`` are
 permuted with them. The posterior is invariant under permutations of the labels, so sorting
-maps each draw to one representative; ``r_hat`` across chains is then meaningful even when
-chains started in different labellings (they do: each chain after the first starts from a
-random permutation of the fitted clusters).
+maps each draw to one representative; ``r_hat`` across chains is then meaningful even if a
+chain switches labels. (Starting chains from permuted labellings was tried: the standardising
+map below is built for one labelling, and a chain started in another ran with mis-scaled
+coordinates and long trajectories.)
 
 NUTS moves in standardised coordinates (:func:`standardising_transforms`): the bijection of
 each site's support followed by an affine map that centres the fitted estimate and divides by
@@ -27,8 +28,7 @@ is rank-deficient in ~50 dimensions (every tree at the maximum depth of 1,023 le
 the decay curves) and a diagonal one still sent several warm-up trees to that depth.
 
 Chains start from dispersed points: ``init_scale`` (default 3) approximate posterior standard
-deviations of Gaussian jitter around the fitted estimates in every coordinate, and, for every
-chain after the first, the cluster labels permuted at random.
+deviations of Gaussian jitter around the fitted estimates in every coordinate.
 
 Optional data evidence: ``cluster_log_evidence`` (N, K) enters as a fixed factor per sample
 (:math:`\log p(x_{D,n} \mid c)` from the fitted network, up to a constant in c), so the data
@@ -168,7 +168,14 @@ def physics_nuts(
         )
     )
     pyro.set_rng_seed(seed)
-    sites = {site for site, _ in net64.global_prior_sites()} - set(condition or {})
+    sites = {site for site, _ in net64.global_prior_sites()}
+    unknown = set(condition or {}) - sites
+    if unknown:
+        raise ValueError(
+            f"physics_nuts: condition names {sorted(unknown)}, not global sites of the model "
+            f"({sorted(sites)})"
+        )
+    sites -= set(condition or {})
     transforms = standardising_transforms(net64, batch, sites)
     _, potential_fn, transforms, _ = initialize_model(
         model,
@@ -179,10 +186,7 @@ def physics_nuts(
         skip_jit_warnings=True,
     )
     generator = torch.Generator().manual_seed(seed)
-    starts = [
-        dispersed_start(net64, transforms, init_scale, generator, permute=chain > 0)
-        for chain in range(num_chains)
-    ]
+    starts = [dispersed_start(net64, transforms, init_scale, generator) for _ in range(num_chains)]
     initial = {k: torch.stack([s[k] for s in starts]) for k in starts[0]}
     if num_chains == 1:
         initial = {k: v[0] for k, v in initial.items()}
@@ -204,7 +208,7 @@ def physics_nuts(
     for site, value in (condition or {}).items():  # fixed sites: the same value in every draw
         value = torch.as_tensor(value, dtype=torch.float64)
         samples[site] = value.expand(num_chains, num_samples, *value.shape)
-    samples = relabel(net64, net64.with_fixed_globals(samples), order_by)
+    samples = relabel(net64, net64.with_fixed_globals(samples, (num_chains, num_samples)), order_by)
     result = MCMCResult(
         samples={k: v.numpy() for k, v in samples.items()},
         sample_stats=_sample_stats(mcmc, recorder, num_chains, num_samples),
@@ -301,21 +305,15 @@ def dispersed_start(
     transforms: Mapping[str, torch.distributions.Transform],
     init_scale: float,
     generator: torch.Generator,
-    permute: bool,
 ) -> dict[str, torch.Tensor]:
     """One chain's start in NUTS's coordinates: ``init_scale`` approximate posterior standard
-    deviations of Gaussian jitter around the fitted estimate, clusters permuted at random when
-    ``permute``."""
+    deviations of Gaussian jitter around the fitted estimate in every coordinate."""
     point = net.point_globals()
-    k = net.n_clusters
-    perm = torch.randperm(k, generator=generator) if permute else torch.arange(k)
     start = {}
     for site, transform in transforms.items():
         centre = transform(point[site])
         eps = torch.randn(centre.shape, generator=generator, dtype=centre.dtype)
-        value = transform.inv(centre + init_scale * eps)
-        value = value[perm] if site != "pi" else value[perm] / value[perm].sum()
-        start[site] = transform(value)
+        start[site] = centre + init_scale * eps
     return start
 
 

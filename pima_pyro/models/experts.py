@@ -571,7 +571,8 @@ class _ConcatenatedPrior(dist.TorchDistribution):
     def _part(self, name: str) -> dist.Distribution:
         prior = self.expert.priors.get(name)
         if prior is None:
-            prior = default_theta_prior(self.expert.param_shapes[name])
+            ref = getattr(self.expert, "theta_unit", None)
+            prior = default_theta_prior(self.expert.param_shapes[name], ref)
         return prior
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
@@ -581,8 +582,11 @@ class _ConcatenatedPrior(dist.TorchDistribution):
 
     def sample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> torch.Tensor:
         sample_shape = torch.Size(sample_shape)
+        ref = getattr(self.expert, "theta_unit", None)
         parts = [
             self._part(n).sample(sample_shape).reshape(*sample_shape, -1)
             for n in self.expert.param_shapes
         ]
-        return torch.cat(parts, dim=-1)
+        out = torch.cat(parts, dim=-1)
+        # user priors are built on the CPU in float32: draws follow the module's dtype/device
+        return out if ref is None else out.to(ref)

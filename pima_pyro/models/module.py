@@ -112,14 +112,15 @@ class PIMAModule(nn.Module):
             )
         return sites
 
-    def with_fixed_globals(self, draws: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``draws`` of the global sites plus ``pi = (1,)`` when K = 1 (not a random site)."""
+    def with_fixed_globals(
+        self, draws: Mapping[str, torch.Tensor], batch_shape: tuple[int, ...] = ()
+    ) -> dict[str, torch.Tensor]:
+        """``draws`` of the global sites (leading dims ``batch_shape``) plus ``pi = 1`` of shape
+        ``(*batch_shape, 1)`` when K = 1 (not a random site)."""
         out = dict(draws)
         if "pi" not in out:
-            theta = next((v for k, v in out.items() if k.startswith("theta_")), None)
-            ref = self.mixture.loc if theta is None else theta
-            shape = () if theta is None else theta.shape[:-2]
-            out["pi"] = torch.ones(*shape, 1, dtype=ref.dtype, device=ref.device)
+            ref = self.mixture.loc
+            out["pi"] = torch.ones(*batch_shape, 1, dtype=ref.dtype, device=ref.device)
         return out
 
     def point_globals(self) -> dict[str, torch.Tensor]:
