@@ -28,8 +28,8 @@ What is exact and what is Monte Carlo (``S = num_samples`` draws of ``z``):
 query                                       computation
 ==========================================  =====================================================
 p(c | physics modalities only or nothing)   exact (Bayes' rule over the enumerated c)
-p(c | any data modality given)              Monte Carlo over z ~ q(z | x_D), S = 64 by default;
-                                            the physics factor stays exact
+p(c | any data modality given)              randomised quasi-Monte Carlo over z ~ q(z | x_D),
+                                            S = 256 by default; the physics factor stays exact
 latent representation                       exact (the PoE Gaussian)
 predict, physics target                     c ~ p(c | x_S) as above, then exact draws of y | c
 predict, data target                        S draws z ~ q(z | x_S), x ~ p(x | z)
@@ -129,7 +129,7 @@ def cluster_log_posterior(
     net: PIMAModule,
     batch: Batch,
     given: Sequence[str],
-    num_samples: int = 64,
+    num_samples: int = 256,
     generator: torch.Generator | None = None,
     chunk: int = 4096,
 ) -> torch.Tensor:
@@ -156,6 +156,25 @@ def cluster_log_posterior(
     return torch.cat(out)
 
 
+def standard_normal_qmc(
+    num: int, dim: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """``(num, dim)`` scrambled-Sobol points mapped to standard-normal draws (float64, CPU);
+    the scrambling seed comes from ``generator``."""
+    seed = int(torch.randint(2**31 - 1, (1,), generator=_cpu(generator)))
+    engine = torch.quasirandom.SobolEngine(dim, scramble=True, seed=seed)
+    uniform = engine.draw(num, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
+    return torch.special.ndtri(uniform)
+
+
+def _cpu(generator: torch.Generator | None) -> torch.Generator | None:
+    """The generator if it is a CPU one; else a CPU generator seeded from it."""
+    if generator is None or generator.device.type == "cpu":
+        return generator
+    seed = int(torch.randint(2**62, (1,), device=generator.device, generator=generator))
+    return torch.Generator().manual_seed(seed)
+
+
 def _data_cluster_log_posterior(
     net: PIMAModule,
     batch: Batch,
@@ -165,15 +184,19 @@ def _data_cluster_log_posterior(
     num_samples: int,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
-    r""":math:`\log \frac1S \sum_s p(c \mid z_s)`, :math:`z_s \sim q(z \mid x_D)`: (n, K)."""
+    r""":math:`\log \frac1S \sum_s p(c \mid z_s)`, :math:`z_s \sim q(z \mid x_D)`: (n, K).
+
+    The standard-normal draws behind :math:`z_s` are randomised quasi-Monte Carlo points
+    (scrambled Sobol mapped through the normal quantile, shared by all rows): each estimate is
+    unbiased like plain Monte Carlo, with an error that falls faster than
+    :math:`1/\sqrt S` for the smooth, low-dimensional integrand.
+    """
     values = {n: batch.values[n][sl] for n in data_given}
     masks = {n: batch.observed[n][sl] for n in data_given}
     loc, log_var = encode(net, values, masks)
     if num_samples > 0:
-        eps = torch.randn(
-            (num_samples, *loc.shape), device=loc.device, dtype=loc.dtype, generator=generator
-        )
-        z = loc + torch.exp(0.5 * log_var) * eps  # (S, n, D)
+        eps = standard_normal_qmc(num_samples, net.latent_dim, generator).to(loc)
+        z = loc + torch.exp(0.5 * log_var) * eps[:, None, :]  # (S, n, D)
     else:
         z = loc.unsqueeze(0)
     log_joint = net.mixture.component_log_prob(z, log_prior)  # (S, n, K)
