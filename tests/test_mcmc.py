@@ -31,6 +31,18 @@ def built(data: MultimodalData, k: int, expert) -> PIMA:
     return model
 
 
+def nuts_with_known_noise(model: PIMA, data: MultimodalData, num_samples: int):
+    """Two chains of NUTS on one cluster, the noise scale fixed at its true value."""
+    return physics_nuts(
+        model.module,
+        {"y": data.values["y"]},
+        num_samples=num_samples,
+        warmup_steps=300,
+        num_chains=2,
+        condition={"noise_y": torch.full((1,), NOISE)},
+    )
+
+
 def conjugate_slope(y: np.ndarray, t: np.ndarray) -> tuple[float, float]:
     """Posterior mean and sd of a in y = a t + N(0, NOISE^2), a ~ N(0, PRIOR_SD^2)."""
     precision = 1 / PRIOR_SD**2 + (t**2).sum() * y.shape[0] / NOISE**2
@@ -47,14 +59,7 @@ def mc_se(draws: np.ndarray) -> float:
 def test_single_cluster_matches_conjugate_posterior():
     data = line_data([2.0], [40])
     model = built(data, 1, LinearThroughOrigin())
-    result = physics_nuts(
-        model.module,
-        {"y": data.values["y"]},
-        num_samples=400,
-        warmup_steps=300,
-        num_chains=2,
-        condition={"noise_y": torch.full((1,), NOISE)},
-    )
+    result = nuts_with_known_noise(model, data, num_samples=400)
     draws = result.samples["theta_y"][..., 0, 0]
     mean, sd = conjugate_slope(data.values["y"].double().numpy(), data.grids["y"].double().numpy())
     assert abs(draws.mean() - mean) < 3 * mc_se(draws)
@@ -124,14 +129,7 @@ def test_lognormal_prior_custom_expert_nuts_and_svi_match_quadrature():
     data = line_data([1.5], [3], points=4, seed=2)  # little data: the prior matters
     expert = Custom(power_law, {"a": (1,)}, priors={"a": LOGNORMAL})
     model = built(data, 1, expert)
-    result = physics_nuts(
-        model.module,
-        {"y": data.values["y"]},
-        num_samples=500,
-        warmup_steps=300,
-        num_chains=2,
-        condition={"noise_y": torch.full((1,), NOISE)},
-    )
+    result = nuts_with_known_noise(model, data, num_samples=500)
     draws = result.samples["theta_y"][..., 0, 0]
     assert np.isfinite(draws).all() and (draws > 0).all()
     mean, sd = quadrature_posterior(

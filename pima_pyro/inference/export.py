@@ -9,15 +9,17 @@ Groups (each an ``xarray.Dataset``; ``chain`` and ``draw`` first where they appl
   say ``globals = "point_estimate"``); under Bayesian globals they are draws of the mean-field
   guide (``"variational"``); from :mod:`pima_pyro.inference.mcmc` they are NUTS draws (``"mcmc"``).
 * ``posterior_predictive``: every modality with its feature dims.
-* ``log_likelihood``: per sample and modality, for draw s: for physics modalities the exact
-  marginal over the cluster, :math:`\log \sum_c \pi_{c,s}\, \mathcal N(y_{mn};
-  f(t; \theta_{mc,s}), s_{mc,s}^2 I)` (y depends on z only through c, so this is also marginal
-  over z); for data modalities :math:`\log p(x_{mn} \mid z_s)` given the draw of the local
-  latent; ``total`` sums the modalities. Unobserved entries contribute 0. For PSIS-LOO across
-  K or experts use a physics variable (``arviz.loo(idata, var_name="curve")``): it depends on
-  the global draws only, while the data terms carry the variance of the per-sample z draws.
+* ``log_likelihood``: for observation n and draw s of the globals, ``<m>`` =
+  :math:`\log p(x_{mn} \mid g_s)` and ``total`` = :math:`\log p(\text{all observed modalities
+  of } n \mid g_s)`, both marginal over c (exactly) and z: physics-only terms are exact,
+  :math:`\log \sum_c \pi_{c,s} \mathcal N(y_{mn}; f(t; \theta_{mc,s}), s_{mc,s}^2 I)`; terms
+  with a data modality are importance-sampled with the encoder as proposal
+  (:mod:`pima_pyro.inference.marginal`; ``num_importance`` draws; the Monte-Carlo standard
+  errors are in the attrs). Unobserved entries contribute 0. Under point-estimate globals the
+  attrs (and a warning) say that PSIS-LOO on these draws measures in-sample fit.
 * ``observed_data``, ``constant_data`` (grids ``<m>_t`` and masks ``<m>_observed``),
-  ``sample_stats`` (MCMC only: ``diverging``, ``tree_depth``, ``n_steps``, ``energy``, ``lp``).
+  ``sample_stats`` (MCMC only: ``diverging``, ``step_size``, ``n_steps``, ``tree_depth``,
+  ``lp``).
 
 Dims: ``chain``, ``draw``, ``obs``, ``cluster``, ``latent``, ``<m>_param``, and per modality
 ``<m>_t`` (physics, coordinate = the grid) or ``<m>_dim_0``, ``<m>_dim_1``, ... (data).
