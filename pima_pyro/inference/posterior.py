@@ -161,10 +161,11 @@ def standard_normal_qmc(
 ) -> torch.Tensor:
     """``(num, dim)`` scrambled-Sobol points mapped to standard-normal draws (float64, CPU);
     the scrambling seed comes from ``generator``."""
-    seed = int(torch.randint(2**31 - 1, (1,), generator=_cpu(generator)))
-    engine = torch.quasirandom.SobolEngine(dim, scramble=True, seed=seed)
-    uniform = engine.draw(num, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
-    return torch.special.ndtri(uniform)
+    seed = int(torch.randint(2**31 - 1, (1,), generator=_cpu(generator), device="cpu"))
+    with torch.device("cpu"):  # whatever the caller's default device (meta, cuda)
+        engine = torch.quasirandom.SobolEngine(dim, scramble=True, seed=seed)
+        uniform = engine.draw(num, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
+        return torch.special.ndtri(uniform)
 
 
 def _cpu(generator: torch.Generator | None) -> torch.Generator | None:
@@ -172,7 +173,7 @@ def _cpu(generator: torch.Generator | None) -> torch.Generator | None:
     if generator is None or generator.device.type == "cpu":
         return generator
     seed = int(torch.randint(2**62, (1,), device=generator.device, generator=generator))
-    return torch.Generator().manual_seed(seed)
+    return torch.Generator(device="cpu").manual_seed(seed)
 
 
 def _data_cluster_log_posterior(
