@@ -192,3 +192,22 @@ def test_bayesian_export_log_likelihood_varies_with_the_global_draws(bayes_model
     assert "warning" not in ll.attrs
     assert float(ll["curve"].std("draw").min()) > 0
     assert float(ll["total"].std("draw").min()) > 0
+
+
+def test_rows_with_nothing_observed_draw_z_from_the_mixture_prior(point_model, data):
+    masks = {name: np.arange(data.n_samples) >= 3 for name in data.values}
+    from pima_pyro.data import MultimodalData
+
+    holes = MultimodalData(
+        {k: v.numpy() for k, v in data.values.items()},
+        grids={k: v.numpy() for k, v in data.grids.items()},
+        masks=masks,
+    )
+    with pytest.warns(UserWarning, match="in-sample"):
+        tree = point_model.to_datatree(holes, num_samples=2000, posterior_predictive=False)
+    z = tree["posterior"]["z"].values[0, :, :3]  # (draws, 3 empty rows, latent)
+    mix = point_model.mixture_parameters()
+    np.testing.assert_allclose(
+        z.mean(0), np.broadcast_to(mix["weights"] @ mix["loc"], (3, 3)), atol=0.15
+    )
+    assert float(tree["log_likelihood"]["total"].values[0, :, :3].max()) == 0.0

@@ -41,6 +41,7 @@ from pyro.ops.indexing import Vindex
 from pima_pyro.data import Batch, MultimodalData
 from pima_pyro.inference.marginal import pointwise_log_likelihood
 from pima_pyro.inference.mcmc import MCMCResult
+from pima_pyro.inference.posterior import sample_mixture_prior
 from pima_pyro.models.experts import curve_likelihood
 from pima_pyro.models.guide import encode, latent_distribution
 from pima_pyro.models.mixture import cluster_log_posterior_from_joint, log_weights_of
@@ -177,11 +178,15 @@ def _cd(x: torch.Tensor) -> np.ndarray:
 def _local_draws(
     net: PIMAModule, batch: Batch, names: list[str], draws: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per draw s: ``z_s ~ q(z | all observed)`` (S, N, D) and :math:`p(c \\mid z_s, y, g_s)`
-    (S, N, K)."""
+    """Per draw s: ``z_s ~ q(z | all observed)`` (S, N, D), from the mixture prior for rows
+    with nothing observed, and :math:`p(c \\mid z_s, y, g_s)` (S, N, K)."""
     num_samples = draws["pi"].shape[0]
     loc, log_var = encode(net, batch.values, batch.observed)
     z = latent_distribution(loc, log_var).sample((num_samples,))
+    observed_any = torch.stack([batch.observed[n] for n in names]).any(0)
+    if not bool(observed_any.all()):
+        prior_z = sample_mixture_prior(net, (num_samples, batch.size))
+        z = torch.where(observed_any[None, :, None], z, prior_z)
     log_pi = log_weights_of(draws["pi"])  # (S, K)
     log_joint = log_pi[:, None, :] + net.mixture.component().log_prob(z.unsqueeze(-2))
     for name in names:
