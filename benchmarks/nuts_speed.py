@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 import torch
+from pyro.ops.stats import split_gelman_rubin
 
 from pima_pyro import PIMA, ExponentialDecay, MultimodalData, PhysicsModality
 
@@ -54,7 +55,11 @@ def main() -> None:
     )
     start = time.perf_counter()
     result = model.sample_physics_posterior(
-        data, num_samples=args.samples, warmup_steps=args.warmup, num_chains=args.chains
+        data,
+        num_samples=args.samples,
+        warmup_steps=args.warmup,
+        num_chains=args.chains,
+        order_by=("curve", 1),  # relabel by the rate: slow decays leave the amplitude vague
     )
     seconds = time.perf_counter() - start
     stats = result.sample_stats
@@ -76,6 +81,15 @@ def main() -> None:
                 "em_starts": args.em_starts,
                 "fitted_rates": np.round(np.sort(fitted_rates.numpy()), 2).tolist(),
                 "posterior_mean_rates": np.round(rates.mean((0, 1)).numpy(), 3).tolist(),
+                "max_r_hat_rates": round(
+                    float(
+                        max(
+                            split_gelman_rubin(rates[..., c].unsqueeze(-1)).item()
+                            for c in range(rates.shape[-1])
+                        )
+                    ),
+                    3,
+                ),
             }
         )
     )
