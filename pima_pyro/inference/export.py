@@ -39,7 +39,7 @@ import xarray as xr
 from pyro.ops.indexing import Vindex
 
 from pima_pyro.data import Batch, MultimodalData
-from pima_pyro.inference.marginal import pointwise_log_likelihood
+from pima_pyro.inference.marginal import physics_cluster_terms, pointwise_log_likelihood
 from pima_pyro.inference.mcmc import MCMCResult
 from pima_pyro.inference.posterior import sample_mixture_prior
 from pima_pyro.models.experts import curve_likelihood
@@ -189,12 +189,9 @@ def _local_draws(
         z = torch.where(observed_any[None, :, None], z, prior_z)
     log_pi = log_weights_of(draws["pi"])  # (S, K)
     log_joint = log_pi[:, None, :] + net.mixture.component().log_prob(z.unsqueeze(-2))
-    for name in names:
-        if net.is_physics(name):
-            ll = net.modalities[name].cluster_log_likelihood(
-                batch.values[name], draws[f"theta_{name}"], draws[f"noise_{name}"]
-            )
-            log_joint = log_joint + ll * batch.observed[name][None, :, None]
+    physics = [n for n in names if net.is_physics(n)]
+    for terms in physics_cluster_terms(net, batch, physics, draws).values():
+        log_joint = log_joint + terms
     return z, cluster_log_posterior_from_joint(log_joint).exp()
 
 

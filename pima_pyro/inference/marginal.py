@@ -40,7 +40,7 @@ from pima_pyro.models.module import PIMAModule
 MAX_ELEMENTS: int = 2**24
 
 
-def _physics_cluster_terms(
+def physics_cluster_terms(
     net: PIMAModule, batch: Batch, names: Sequence[str], draws: Mapping[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """``log p(y_mn | c, g_s) * observed`` per physics modality: (S, N, K)."""
@@ -126,7 +126,7 @@ def pointwise_log_likelihood(
     data = [n for n in names if not net.is_physics(n)]
     log_pi = log_weights_of(draws["pi"])  # (S, K)
     n_draws, k = log_pi.shape
-    phys = _physics_cluster_terms(net, batch, physics, draws)
+    phys = physics_cluster_terms(net, batch, physics, draws)
     zeros = log_pi.new_zeros(n_draws, batch.size, k)
     log_lik: dict[str, torch.Tensor] = {}
     errors: dict[str, torch.Tensor] = {}

@@ -54,8 +54,8 @@ from torch.distributions import ComposeTransform, Transform, biject_to, constrai
 
 from pima_pyro.data import Batch
 from pima_pyro.inference.marginal import pointwise_log_likelihood
+from pima_pyro.inference.posterior import cluster_log_posterior
 from pima_pyro.models.generative import MAX_PLATE_NESTING, physics_model
-from pima_pyro.models.mixture import cluster_log_posterior_from_joint, log_weights_of
 from pima_pyro.models.module import PIMAModule
 
 
@@ -111,9 +111,7 @@ class _StatsRecorder:
         self.counter.calls = 0
 
 
-def physics_batch(
-    net: PIMAModule, curves: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]
-) -> Batch:
+def physics_batch(curves: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> Batch:
     """A float64 CPU :class:`Batch` of the physics curves (what :func:`physics_model` sees)."""
     values = {n: torch.as_tensor(v, dtype=torch.float64).cpu() for n, v in curves.items()}
     observed = {n: torch.as_tensor(masks[n]).bool().cpu() for n in values}
@@ -157,7 +155,7 @@ def physics_nuts(
         raise ValueError(f"order_by: {order_by!r} names no (physics modality, parameter index)")
     masks = masks or {n: torch.ones(len(curves[n]), dtype=torch.bool) for n in names}
     net64 = copy.deepcopy(net).double().cpu()
-    batch = physics_batch(net64, curves, masks)
+    batch = physics_batch(curves, masks)
     evidence = None if cluster_log_evidence is None else cluster_log_evidence.double().cpu()
     model = (
         physics_model
@@ -209,15 +207,16 @@ def physics_nuts(
         value = torch.as_tensor(value, dtype=torch.float64)
         samples[site] = value.expand(num_chains, num_samples, *value.shape)
     samples = relabel(net64, net64.with_fixed_globals(samples, (num_chains, num_samples)), order_by)
+    diagnostics = mcmc.diagnostics()  # r_hat and ESS of every site: computed once
     result = MCMCResult(
         samples={k: v.numpy() for k, v in samples.items()},
-        sample_stats=_sample_stats(mcmc, recorder, num_chains, num_samples),
+        sample_stats=_sample_stats(diagnostics, recorder, num_chains, num_samples),
         param_names={n: tuple(net64.modalities[n].expert.param_names) for n in names},
         order_by=tuple(order_by),
         observed={n: batch.values[n].numpy() for n in names},
         masks={n: batch.observed[n].numpy() for n in names},
         grids={n: net64.modalities[n].grid.numpy() for n in names},
-        acceptance_rate=[float(v) for v in mcmc.diagnostics().get("acceptance rate", {}).values()],
+        acceptance_rate=[float(v) for v in diagnostics.get("acceptance rate", {}).values()],
     )
     result.log_likelihood = _log_likelihood(net64, batch, samples, names)
     return result
@@ -245,18 +244,15 @@ def standardising_transforms(
     net: PIMAModule, batch: Batch, sites: set[str]
 ) -> dict[str, torch.distributions.Transform]:
     r"""Per global site, the map to NUTS's coordinates: ``biject_to(support).inv`` followed by
-    :math:`u \mapsto (u - \hat u) / \hat s`, with :math:`\hat u` the fitted estimate and
-    :math:`\hat s` its approximate posterior standard deviation
-    (:meth:`PIMAModule.laplace_scales`; :math:`(N\pi_c + 1)^{-1/2}` for the stick-breaking
-    coordinates of pi). The posterior is then roughly standard normal in every coordinate, so
-    NUTS needs short trajectories from its first warm-up step instead of adapting a mass
-    matrix across scales that differ by orders of magnitude (the cost on the decay curves)."""
+    :math:`u \mapsto L^{-1}(u - \hat u)`, with :math:`\hat u` the fitted estimate and
+    :math:`L` the Cholesky factor of its approximate posterior covariance per cluster
+    (:meth:`PIMAModule.laplace_scales`, at cluster sizes from the exact p(c | curves);
+    :math:`(N\pi_c + 1)^{-1/2}` for the stick-breaking coordinates of pi). The posterior is
+    then roughly standard normal in every coordinate, so NUTS needs short trajectories from
+    its first warm-up step instead of adapting a mass matrix across scales that differ by
+    orders of magnitude (the cost on the decay curves)."""
     point = net.point_globals()
-    log_joint = log_weights_of(point["pi"]).expand(batch.size, -1)
-    for name in batch.values:
-        ll = net.modalities[name].cluster_log_likelihood(batch.values[name])
-        log_joint = log_joint + ll * batch.observed[name][:, None]
-    resp = cluster_log_posterior_from_joint(log_joint).exp()
+    resp = cluster_log_posterior(net, batch, list(batch.values)).exp()  # exact: physics only
     counts = {n: (resp * batch.observed[n][:, None]).sum(0) for n in batch.values}
     scale_trils = {"pi": torch.diag_embed((batch.size * point["pi"][:-1] + 1.0).rsqrt())}
     for name, (theta_cov, log_noise_sd) in net.laplace_scales(counts).items():
@@ -336,9 +332,9 @@ def relabel(
     return out
 
 
-def _sample_stats(mcmc: MCMC, recorder: _StatsRecorder, chains: int, draws: int) -> dict:
+def _sample_stats(diagnostics: dict, recorder: _StatsRecorder, chains: int, draws: int) -> dict:
     diverging = np.zeros((chains, draws), dtype=bool)
-    for chain, indices in enumerate(mcmc.diagnostics().get("divergences", {}).values()):
+    for chain, indices in enumerate(diagnostics.get("divergences", {}).values()):
         for i in indices:
             if 0 <= int(i) < draws:
                 diverging[chain, int(i)] = True
