@@ -430,7 +430,8 @@ class PIMA:
     # ---- fitted globals ----------------------------------------------------------------------
     def mixture_parameters(self) -> dict[str, np.ndarray]:
         """``weights`` (K,) (the posterior mean of pi under Bayesian globals, else the point
-        estimate), ``loc`` (K, D), ``scale`` (K, D)."""
+        estimate), ``loc`` (K, D), ``scale`` (K, D), ``active`` (K,) bool: ``False`` marks a
+        cluster the start found surplus (weight exactly 0; see ``fit(prune=...)``)."""
         net = self._require_fitted()
         mix = net.mixture
         with torch.no_grad():
@@ -438,6 +439,7 @@ class PIMA:
                 "weights": net.plug_in_logits().exp().cpu().numpy(),
                 "loc": mix.loc.cpu().numpy(),
                 "scale": mix.scale.cpu().numpy(),
+                "active": mix.active.cpu().numpy(),
             }
 
     def physics_parameters(self) -> dict[str, dict[str, np.ndarray]]:

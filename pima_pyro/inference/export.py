@@ -187,7 +187,7 @@ def _local_draws(
     if not bool(observed_any.all()):
         prior_z = sample_mixture_prior(net, (num_samples, batch.size))
         z = torch.where(observed_any[None, :, None], z, prior_z)
-    log_pi = log_weights_of(draws["pi"])  # (S, K)
+    log_pi = log_weights_of(draws["pi"], net.mixture.active)  # (S, K)
     log_joint = log_pi[:, None, :] + net.mixture.component().log_prob(z.unsqueeze(-2))
     physics = [n for n in names if net.is_physics(n)]
     for terms in physics_cluster_terms(net, batch, physics, draws).values():

@@ -18,6 +18,7 @@ r"""A start that avoids the known GMM-VAE collapse (DESIGN section 8).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -29,21 +30,50 @@ from pima_pyro.models.experts import (
     PhysicsExpert,
     cluster_log_likelihood,
     fit_weighted_nonlinear,
+    least_squares_fit,
     weighted_least_squares,
 )
-from pima_pyro.models.mixture import cluster_log_posterior_from_joint, marginalize_clusters
+from pima_pyro.models.mixture import (
+    cluster_log_posterior_from_joint,
+    log_weights_of,
+    marginalize_clusters,
+)
 
 
 @dataclass
 class EMResult:
     """Output of :func:`physics_mixture_em` (tensors on the input's device)."""
 
-    weights: torch.Tensor  # (K,)
+    weights: torch.Tensor  # (K,), exactly 0 where not active
     theta: dict[str, torch.Tensor]  # name -> (K, P)
     noise_scale: dict[str, torch.Tensor]  # name -> (K,)
     responsibilities: torch.Tensor  # (N, K)
     log_likelihood: float  # total, at the returned parameters
     n_iter: int
+    active: torch.Tensor  # (K,) bool: clusters kept by the penalised-likelihood pruning
+
+    @property
+    def n_active(self) -> int:
+        return int(self.active.sum())
+
+
+@dataclass
+class _EMData:
+    """The inputs every EM run shares (float64, one device)."""
+
+    y: dict[str, torch.Tensor]
+    m: dict[str, torch.Tensor]
+    t: dict[str, torch.Tensor]
+    experts: Mapping[str, PhysicsExpert]
+    any_observed: torch.Tensor
+    floors: dict[str, float]
+    max_iter: int
+    tol: float
+
+    @property
+    def params_per_cluster(self) -> int:
+        """Free parameters of one cluster: theta and noise of every modality, and its weight."""
+        return sum(self.experts[n].num_params + 1 for n in self.y) + 1
 
 
 def _kmeans_plus_plus(features: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -63,31 +93,39 @@ def _kmeans_plus_plus(features: np.ndarray, k: int, rng: np.random.Generator) ->
     return assign
 
 
-def _start_features(
-    curves: Mapping[str, torch.Tensor],
-    masks: Mapping[str, torch.Tensor],
-    experts: Mapping[str, PhysicsExpert],
-    grids: Mapping[str, torch.Tensor],
-) -> np.ndarray:
-    """Features that separate clusters, standardised: (N, F).
+def per_curve_estimates(
+    expert: PhysicsExpert, curves: torch.Tensor, t: torch.Tensor, steps: int = 30
+) -> torch.Tensor:
+    """Each curve's own least-squares theta (N, P), in the support's unconstrained coordinates.
 
-    Linear experts: each sample's least-squares theta. Others: the leading principal
-    components (at most 5) of the standardised curves.
+    Linear experts: least squares. Others: the best start candidate per curve
+    (:meth:`PhysicsExpert.initial_theta`) refined by :func:`least_squares_fit`.
     """
+    if expert.is_linear:
+        design = expert.design_matrix(t).to(curves)
+        return torch.linalg.lstsq(design, curves.T).solution.T
+    start = expert.initial_theta(curves, t)
+    ones = torch.ones(curves.shape[0], dtype=curves.dtype, device=curves.device)
+    theta = least_squares_fit(expert, t, curves, ones, start, steps=steps)
+    return expert.theta_transform.inv(theta)
+
+
+def _start_features(data: _EMData) -> np.ndarray:
+    """Per-curve parameter estimates of every physics modality, standardised: (N, F).
+
+    Unobserved entries take the observed mean; robust scales (median absolute deviation) keep
+    a few badly fitted curves from squeezing every other sample together."""
     columns = []
-    for name, y in curves.items():
-        observed = masks[name]
-        if experts[name].is_linear:
-            design = experts[name].design_matrix(grids[name].to(y))
-            feats = torch.linalg.lstsq(design, y.T).solution.T  # (N, P)
-        else:
-            centred = (y - y[observed].mean(0)) / (y[observed].std(0) + 1e-12)
-            _, _, vt = torch.linalg.svd(centred[observed], full_matrices=False)
-            feats = centred @ vt[: min(5, vt.shape[0])].T
-        feats = torch.where(observed[:, None], feats, feats[observed].mean(0))
+    for name, y in data.y.items():
+        observed = data.m[name]
+        feats = per_curve_estimates(data.experts[name], y, data.t[name])
+        feats = torch.where(torch.isfinite(feats), feats, torch.zeros_like(feats))
+        feats = torch.where(observed[:, None], feats, feats[observed].median(0).values)
         columns.append(feats)
     out = torch.cat(columns, dim=1).double().cpu().numpy()
-    return (out - out.mean(0)) / (out.std(0) + 1e-12)
+    centred = out - np.median(out, axis=0)
+    spread = np.median(np.abs(centred), axis=0) * 1.4826
+    return np.clip(centred / (spread + 1e-12), -10.0, 10.0)
 
 
 def physics_mixture_em(
@@ -100,17 +138,25 @@ def physics_mixture_em(
     max_iter: int = 300,
     tol: float = 1e-7,
     seed: int = 0,
+    split_merge: bool = True,
+    prune: bool = False,
 ) -> EMResult:
-    """EM for the mixture of physics experts; best of ``n_starts`` starts (float64).
+    """EM for the mixture of physics experts (float64), in three stages:
 
-    Starts: one from quantiles of the first principal direction of the start features
-    (:func:`_start_features`), the others from k-means++ on them. Experts that are not linear in
-    theta take at most 50 EM iterations, each M-step an L-BFGS solve.
+    1. best of ``n_starts`` starts: one from quantiles of the first principal direction of the
+       per-curve estimates (:func:`per_curve_estimates`), the others k-means++ on them;
+    2. ``split_merge``: split-and-merge moves (:func:`split_and_merge`) while they raise the
+       log-likelihood: two clusters on one physics law merge and a cluster holding two laws
+       splits, which EM alone never does;
+    3. ``prune``: clusters whose removal lowers BIC (:func:`prune_clusters`) become inactive,
+       so a K above the data's number of clusters leaves the surplus empty.
+
+    Experts that are not linear in theta take at most 50 EM iterations per run, each M-step an
+    L-BFGS solve.
     """
     device = next(iter(curves.values())).device
     y = {n: v.double() for n, v in curves.items()}
     m = {n: masks[n].to(device) for n in curves}
-    t = {n: grids[n].double().to(device) for n in curves}
     any_observed = torch.stack(list(m.values())).any(0)
     n_obs = int(any_observed.sum())
     if n_obs < n_clusters:
@@ -118,52 +164,58 @@ def physics_mixture_em(
             f"physics_mixture_em: {n_obs} samples with a physics modality observed, fewer than "
             f"n_clusters={n_clusters}"
         )
-    feats = _start_features(y, m, experts, t)
-    rng = np.random.default_rng(seed)
-    starts: list[np.ndarray] = []
-    _, _, vt = np.linalg.svd(feats[any_observed.cpu().numpy()], full_matrices=False)
-    score = feats @ vt[0]
-    ranks = np.argsort(np.argsort(score))
-    starts.append(np.minimum(ranks * n_clusters // feats.shape[0], n_clusters - 1))
-    for _ in range(max(n_starts - 1, 0)):
-        starts.append(_kmeans_plus_plus(feats, n_clusters, rng))
-    floors = {n: max(NOISE_SCALE_MIN**2, 1e-6 * float(v[m[n]].var())) for n, v in y.items()}
     if not all(e.is_linear for e in experts.values()):
         max_iter = min(max_iter, 50)
+    data = _EMData(
+        y=y,
+        m=m,
+        t={n: grids[n].double().to(device) for n in curves},
+        experts=experts,
+        any_observed=any_observed,
+        floors={n: max(NOISE_SCALE_MIN**2, 1e-6 * float(v[m[n]].var())) for n, v in y.items()},
+        max_iter=max_iter,
+        tol=tol,
+    )
+    feats = _start_features(data)
+    rows = np.flatnonzero(any_observed.cpu().numpy())  # samples without a curve start uniform
+    rng = np.random.default_rng(seed)
+    _, _, vt = np.linalg.svd(feats[rows], full_matrices=False)
+    ranks = np.argsort(np.argsort(feats[rows] @ vt[0]))
+    starts = [np.minimum(ranks * n_clusters // rows.size, n_clusters - 1)]
+    starts += [_kmeans_plus_plus(feats[rows], n_clusters, rng) for _ in range(n_starts - 1)]
+    all_active = torch.ones(n_clusters, dtype=torch.bool, device=device)
     best: EMResult | None = None
     for assign in starts:
-        resp = torch.nn.functional.one_hot(
+        resp = torch.full((feats.shape[0], n_clusters), 1.0 / n_clusters, device=device)
+        resp[torch.as_tensor(rows, device=device)] = torch.nn.functional.one_hot(
             torch.as_tensor(assign, device=device), n_clusters
-        ).double()
-        result = _em_from_responsibilities(
-            resp, y, m, experts, t, any_observed, floors, max_iter, tol
-        )
+        ).to(resp)
+        result = _em_from_responsibilities(resp.double(), data, all_active)
         if best is None or result.log_likelihood > best.log_likelihood:
             best = result
     assert best is not None
+    if split_merge and n_clusters > 2:
+        best = split_and_merge(best, data, feats)
+    if prune and n_clusters > 1:
+        best = prune_clusters(best, data)
     return best
 
 
 def _em_from_responsibilities(
-    resp: torch.Tensor,
-    y: Mapping[str, torch.Tensor],
-    m: Mapping[str, torch.Tensor],
-    experts: Mapping[str, PhysicsExpert],
-    t: Mapping[str, torch.Tensor],
-    any_observed: torch.Tensor,
-    floors: Mapping[str, float],
-    max_iter: int,
-    tol: float,
+    resp: torch.Tensor, data: _EMData, active: torch.Tensor, max_iter: int | None = None
 ) -> EMResult:
+    """EM from responsibilities (N, K) with the ``active`` clusters only (others weight 0)."""
+    y, m, t, experts = data.y, data.m, data.t, data.experts
     designs = {n: experts[n].design_matrix(t[n]) for n in y if experts[n].is_linear}
     theta: dict[str, torch.Tensor] = {}
     previous = -np.inf
     total = -np.inf
     n_iter = 0
-    for n_iter in range(1, max_iter + 1):  # noqa: B007 (reported after the loop)
+    resp = resp * active
+    for n_iter in range(1, (max_iter or data.max_iter) + 1):  # noqa: B007 (reported after)
         # M-step
-        weights = resp[any_observed].mean(0).clamp_min(1e-8)
-        weights = weights / weights.sum()
+        weights = resp[data.any_observed].sum(0) * active
+        weights = weights / weights.sum().clamp_min(1e-300)
         noise2 = {}
         for name in y:
             w = resp * m[name][:, None]
@@ -178,27 +230,131 @@ def _em_from_responsibilities(
                 theta[name], s2 = fit_weighted_nonlinear(
                     experts[name], t[name], y[name], w, theta[name], steps=50
                 )
-            noise2[name] = s2.clamp_min(floors[name])
+            noise2[name] = s2.clamp_min(data.floors[name])
         # E-step
-        log_joint = torch.log(weights).expand(resp.shape).clone()
+        log_joint = log_weights_of(weights, active).expand(resp.shape).clone()
         for name in y:
             means = experts[name].expected_curve(theta[name], t[name])
             ll = cluster_log_likelihood(y[name], means, noise2[name].sqrt())
             log_joint = log_joint + ll * m[name][:, None]
         log_norm = marginalize_clusters(log_joint)
         resp = torch.exp(cluster_log_posterior_from_joint(log_joint))
-        total = float(log_norm[any_observed].sum())
-        if abs(total - previous) <= tol * abs(total):
+        total = float(log_norm[data.any_observed].sum())
+        if abs(total - previous) <= data.tol * abs(total):
             break
         previous = total
     return EMResult(
-        weights=weights,
+        weights=weights * active,
         theta=theta,
         noise_scale={n: v.sqrt() for n, v in noise2.items()},
         responsibilities=resp,
         log_likelihood=total,
         n_iter=n_iter,
+        active=active.clone(),
     )
+
+
+def split_and_merge(
+    result: EMResult,
+    data: _EMData,
+    features: np.ndarray,
+    n_candidates: int = 3,
+    max_rounds: int = 10,
+) -> EMResult:
+    r"""Split-and-merge EM (Ueda et al., 2000) on the physics mixture.
+
+    Each round tries, for the ``n_candidates`` cluster pairs whose responsibilities overlap most
+    (:math:`r_i^\top r_j / \lVert r_i\rVert \lVert r_j\rVert`: candidates to merge) and the
+    ``n_candidates`` clusters whose members' per-curve estimates spread most (candidates to
+    split), the move "merge i and j, split k in two by 2-means on its members' ``features``",
+    runs EM from it and keeps the first move that raises the log-likelihood; it stops after a
+    round without one.
+    """
+    for _ in range(max_rounds):
+        improved = False
+        for i, j, k in _split_merge_moves(result, features, n_candidates):
+            resp = _merge_and_split(result.responsibilities, i, j, k, features)
+            trial = _em_from_responsibilities(resp, data, result.active)
+            if trial.log_likelihood > result.log_likelihood + 1e-6 * abs(result.log_likelihood):
+                result, improved = trial, True
+                break
+        if not improved:
+            break
+    return result
+
+
+def _split_merge_moves(
+    result: EMResult, features: np.ndarray, n_candidates: int
+) -> list[tuple[int, int, int]]:
+    resp = result.responsibilities.cpu().numpy() * result.active.cpu().numpy()
+    active = np.flatnonzero(result.active.cpu().numpy())
+    norms = np.linalg.norm(resp, axis=0) + 1e-300
+    overlap = (resp.T @ resp) / np.outer(norms, norms)
+    pairs = sorted(
+        ((overlap[i, j], i, j) for a, i in enumerate(active) for j in active[a + 1 :]),
+        reverse=True,
+    )[:n_candidates]
+    weight = resp.sum(0) + 1e-300
+    centre = (resp.T @ features) / weight[:, None]
+    spread = (resp.T @ (features**2)) / weight[:, None] - centre**2
+    splits = sorted(active, key=lambda c: -spread[c].sum())[: n_candidates + 2]
+    return [(i, j, k) for _, i, j in pairs for k in splits if k not in (i, j)]
+
+
+def _merge_and_split(
+    resp: torch.Tensor, i: int, j: int, k: int, features: np.ndarray
+) -> torch.Tensor:
+    """Responsibilities with j merged into i and k's members split between k and j."""
+    out = resp.clone()
+    out[:, i] += out[:, j]
+    out[:, j] = 0.0
+    members = np.flatnonzero(resp.argmax(1).cpu().numpy() == k)
+    if members.size < 2:
+        return out
+    halves = _kmeans_plus_plus(features[members], 2, np.random.default_rng(0))
+    moved = torch.as_tensor(members[halves == 1], device=resp.device)
+    out[moved, j] = out[moved, k]
+    out[moved, k] = 0.0
+    return out
+
+
+def prune_clusters(result: EMResult, data: _EMData, max_tries: int = 3) -> EMResult:
+    r"""Remove clusters while that lowers the Bayesian information criterion
+    :math:`-2\log L + p\log N` (:math:`p` free parameters, :math:`N` samples with a physics
+    modality): a cluster stays only if it raises the log-likelihood by more than
+    :math:`\tfrac12 p_c \log N` (:math:`p_c`: theta and noise per modality, and a weight).
+    Tries the ``max_tries`` lightest active clusters each round; removed clusters become
+    inactive (weight 0) and their members go to the others through EM."""
+    penalty = 0.5 * data.params_per_cluster * math.log(max(int(data.any_observed.sum()), 2))
+    while result.n_active > 1:
+        order = [int(c) for c in torch.argsort(result.weights) if bool(result.active[c])]
+        for c in order[:max_tries]:
+            active = result.active.clone()
+            active[c] = False
+            trial = _em_from_responsibilities(result.responsibilities, data, active)
+            if trial.log_likelihood > result.log_likelihood - penalty:
+                result = trial
+                break
+        else:
+            break
+    return result
+
+
+def separated_means(
+    n_clusters: int, latent_dim: int, radius: float = 3.0, seed: int = 0
+) -> torch.Tensor:
+    """``n_clusters`` points (K, D) on the sphere of ``radius``, spread by farthest-point
+    selection among 64 K random directions: targets far enough apart (for unit component
+    scales) that an encoder learns its cluster from the first epochs."""
+    gen = torch.Generator().manual_seed(seed)
+    pool = torch.randn(64 * n_clusters, latent_dim, generator=gen, dtype=torch.float64)
+    pool = radius * pool / pool.norm(dim=-1, keepdim=True)
+    chosen = [0]
+    dist2 = ((pool - pool[0]) ** 2).sum(-1)
+    for _ in range(1, n_clusters):
+        chosen.append(int(dist2.argmax()))
+        dist2 = torch.minimum(dist2, ((pool - pool[chosen[-1]]) ** 2).sum(-1))
+    return pool[chosen]
 
 
 def mixture_from_embeddings(

@@ -124,7 +124,7 @@ def pointwise_log_likelihood(
         raise ValueError(f"num_importance must be an int >= 2, got {num_importance!r}")
     physics = [n for n in names if net.is_physics(n)]
     data = [n for n in names if not net.is_physics(n)]
-    log_pi = log_weights_of(draws["pi"])  # (S, K)
+    log_pi = log_weights_of(draws["pi"], net.mixture.active)  # (S, K)
     n_draws, k = log_pi.shape
     phys = physics_cluster_terms(net, batch, physics, draws)
     zeros = log_pi.new_zeros(n_draws, batch.size, k)

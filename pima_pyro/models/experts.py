@@ -233,10 +233,22 @@ class PhysicsExpert(nn.Module):
     def initial_theta(self, mean_curves: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Data-driven start for theta (K, P) from each cluster's mean curve (K, T).
 
-        Linear experts solve least squares; non-linear experts override this.
+        Linear experts solve least squares; others keep, for each curve, the best of
+        :func:`start_candidates` (:func:`best_candidates`). Experts with a closed-form
+        heuristic add it to the candidates by overriding :meth:`heuristic_theta`.
         """
-        design = self.design_matrix(t).to(mean_curves)
-        return torch.linalg.lstsq(design, mean_curves.T).solution.T
+        if self.is_linear:
+            design = self.design_matrix(t).to(mean_curves)
+            return torch.linalg.lstsq(design, mean_curves.T).solution.T
+        candidates = start_candidates(self, mean_curves.dtype, mean_curves.device)
+        heuristic = self.heuristic_theta(mean_curves, t)
+        if heuristic is not None:
+            candidates = torch.cat([candidates, heuristic.to(candidates)])
+        return best_candidates(self, mean_curves, t, candidates)
+
+    def heuristic_theta(self, curves: torch.Tensor, t: torch.Tensor) -> torch.Tensor | None:
+        """Optional closed-form guesses of theta (N, P) for curves (N, T); ``None`` if none."""
+        return None
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         """Per-cluster mean curves, (K, T)."""
@@ -349,6 +361,22 @@ def fit_weighted_nonlinear(
     """
     weight_sum = weights.sum(0).clamp_min(torch.finfo(curves.dtype).tiny)
     mean_curves = (weights.T @ curves) / weight_sum[:, None]
+    theta = least_squares_fit(expert, t, mean_curves, weight_sum, theta_init, steps)
+    return theta, weighted_residual_variance(curves, expert.expected_curve(theta, t), weights)
+
+
+def least_squares_fit(
+    expert: PhysicsExpert,
+    t: torch.Tensor,
+    curves: torch.Tensor,
+    weights: torch.Tensor,
+    theta_init: torch.Tensor,
+    steps: int = 100,
+) -> torch.Tensor:
+    r""":math:`\arg\min_\theta \sum_i w_i \lVert y_i - f(t; \theta_i)\rVert^2` for curves
+    (I, T) with one theta (I, P) each, by one L-BFGS from ``theta_init`` (the sum is separable,
+    so every curve gets its own least-squares fit). The one non-linear least-squares solve:
+    the EM M-step (rows = clusters' mean curves) and per-curve start estimates call it."""
     # optimise in the unconstrained coordinates of the prior's support, divided by their start
     # magnitude so that parameters of very different size (a modulus of 1e2 beside a yield
     # strain of 1e-2) are equally well conditioned
@@ -357,19 +385,63 @@ def fit_weighted_nonlinear(
     magnitude = _unit_scale(start.abs())
     unit = (start / magnitude).clone().requires_grad_(True)
     optimizer = torch.optim.LBFGS([unit], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
-    scale = mean_curves.pow(2).mean().clamp_min(1e-12)
+    scale = curves.pow(2).mean().clamp_min(1e-12)
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        resid = mean_curves - expert.expected_curve(transform(unit * magnitude), t)
-        loss = (weight_sum[:, None] * resid**2).sum() / (weight_sum.sum() * scale)
+        resid = curves - expert.expected_curve(transform(unit * magnitude), t)
+        loss = (weights[:, None] * resid**2).sum() / (weights.sum() * scale)
         loss.backward()
         return loss
 
     with torch.enable_grad():
         optimizer.step(closure)
     theta = transform(unit * magnitude).detach()
-    return theta, weighted_residual_variance(curves, expert.expected_curve(theta, t), weights)
+    finite = torch.isfinite(theta).all(-1, keepdim=True)
+    return torch.where(finite, theta, theta_init.detach())
+
+
+#: Shrink factors applied to prior draws (in unconstrained coordinates) by
+#: :func:`start_candidates`: a broad prior alone would rarely propose a value near the data's scale.
+START_SHRINKS: tuple[float, ...] = (1.0, 0.3, 0.1, 0.03)
+
+
+def start_candidates(
+    expert: PhysicsExpert,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
+    n_draws: int = 256,
+    seed: int = 0,
+) -> torch.Tensor:
+    r"""Candidate starts (S, P) inside the support: ``n_draws`` prior draws :math:`u_s` in
+    unconstrained coordinates, each also shrunk towards the origin by :data:`START_SHRINKS`
+    (the prior's scale need not be the data's), plus the origin and the expert's current theta
+    (a user's ``init``). Deterministic for a given ``seed``; the global RNG is untouched."""
+    transform = expert.theta_transform
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        draws = expert.prior().sample((n_draws,)).to(dtype=dtype, device="cpu")
+    unconstrained = transform.inv(draws).to(device)
+    shrunk = [unconstrained * f for f in START_SHRINKS]
+    shrunk.append(torch.zeros(1, expert.num_params, dtype=dtype, device=device))
+    current = expert.theta_unconstrained.detach().to(dtype=dtype, device=device)
+    return transform(torch.cat([*shrunk, current]))
+
+
+def best_candidates(
+    expert: PhysicsExpert, curves: torch.Tensor, t: torch.Tensor, candidates: torch.Tensor
+) -> torch.Tensor:
+    r"""For each curve (N, T) the candidate (S, P) of least squared error
+    :math:`\lVert y_n - f(t; \theta_s)\rVert^2`, (N, P); candidates whose curve is not finite
+    are skipped. The (N, S) errors come from one matrix product, so S in the thousands is cheap."""
+    with torch.no_grad():
+        fitted = expert.expected_curve(candidates, t.to(candidates))  # (S, T)
+        fitted = fitted.to(curves)
+        finite = torch.isfinite(fitted).all(-1)
+        fitted = torch.where(finite[:, None], fitted, torch.zeros_like(fitted))
+        sq_error = (fitted**2).sum(-1)[None] - 2 * curves @ fitted.T  # (N, S), up to |y|^2
+        sq_error = torch.where(finite[None], sq_error, torch.full_like(sq_error, float("inf")))
+        return candidates.to(curves)[sq_error.argmin(-1)]
 
 
 class ExponentialDecay(PhysicsExpert):
@@ -390,7 +462,7 @@ class ExponentialDecay(PhysicsExpert):
         """The decay rate :math:`k` (positive) from theta (..., 3)."""
         return nn.functional.softplus(theta[..., 1])
 
-    def initial_theta(self, mean_curves: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def heuristic_theta(self, mean_curves: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         # offset from the tail, then a log-linear fit of the head for A and k
         t = t.to(mean_curves)
         offset = mean_curves[:, -1:]
@@ -438,7 +510,7 @@ class BilinearStressStrain(PhysicsExpert):
         plastic = nn.functional.softplus(beta * (t - yield_strain)) / beta
         return elastic * t + (hardening - elastic) * plastic
 
-    def initial_theta(self, mean_curves: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def heuristic_theta(self, mean_curves: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         # try every grid point as the kink, keep the best two-slope least-squares fit
         t = t.to(mean_curves)
         best_err = torch.full((mean_curves.shape[0],), float("inf"), dtype=t.dtype)
@@ -529,15 +601,21 @@ class Custom(PhysicsExpert):
             return super().prior()
         return _ConcatenatedPrior(self)
 
-    def initial_theta(self, mean_curves: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        origin = self.theta_transform(torch.zeros(self.num_params, dtype=mean_curves.dtype))
+    def bind(self, n_clusters: int) -> Custom:
+        super().bind(n_clusters)
+        if self.init:
+            self.set_theta(self.default_theta().expand(n_clusters, -1))
+        return self
+
+    def default_theta(self) -> torch.Tensor:
+        """The start before any data (P,): ``init`` where given, else the image of 0 under the
+        support's bijection (0 for real, 1 for positive parameters). Data-driven starts
+        (:meth:`initial_theta`) search around it and around prior draws."""
+        origin = self.theta_transform(torch.zeros(self.num_params))
         defaults = self.unpack(origin)
-        parts = [
-            self.init.get(name, defaults[name]).reshape(-1).to(mean_curves)
-            for name in self.param_shapes
-        ]
-        start = torch.cat(parts)
-        return start.expand(mean_curves.shape[0], -1).clone()
+        return torch.cat(
+            [self.init.get(name, defaults[name]).reshape(-1) for name in self.param_shapes]
+        )
 
 
 def _elementwise_support(name: str, prior: dist.Distribution) -> constraints.Constraint:

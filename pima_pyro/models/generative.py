@@ -79,7 +79,11 @@ def model(net: PIMAModule, batch: Batch) -> None:
     """Score every observed modality of ``batch`` under the PIMA generative story."""
     pyro.module("pima", net)
     globals_ = sample_globals(net, net.bayesian_globals)
-    logits = net.mixture.logits if not net.bayesian_globals else log_weights_of(globals_["pi"])
+    logits = (
+        net.mixture.log_weights
+        if not net.bayesian_globals
+        else log_weights_of(globals_["pi"], net.mixture.active)
+    )
     with pyro.plate("data", size=batch.n_total, subsample=batch.indices):
         c = pyro.sample("c", dist.Categorical(logits=logits), infer={"enumerate": "parallel"})
         z = pyro.sample("z", net.mixture.component(c))
@@ -111,7 +115,7 @@ def physics_model(
     with pyro.plate("data", size=batch.n_total, subsample=batch.indices):
         c = pyro.sample(
             "c",
-            dist.Categorical(logits=log_weights_of(globals_["pi"])),
+            dist.Categorical(logits=log_weights_of(globals_["pi"], net.mixture.active)),
             infer={"enumerate": "parallel"},
         )
         if cluster_log_evidence is not None:

@@ -35,10 +35,25 @@ def cluster_log_posterior_from_joint(log_joint: torch.Tensor) -> torch.Tensor:
     return log_joint - marginalize_clusters(log_joint).unsqueeze(-1)
 
 
-def log_weights_of(pi: torch.Tensor) -> torch.Tensor:
+#: :math:`\\log\\pi_c` of a cluster removed from the mixture (:attr:`GaussianMixturePrior.active`):
+#: its weight is exactly 0 in float arithmetic, yet no -inf reaches a sum or a product.
+EMPTY_LOG_WEIGHT: float = -1e4
+
+
+def restrict_to_active(log_weights: torch.Tensor, active: torch.Tensor | None) -> torch.Tensor:
+    """Log-weights (..., K) renormalised over the ``active`` clusters (K,) bool; the others get
+    :data:`EMPTY_LOG_WEIGHT` (before renormalising). ``active=None`` renormalises only."""
+    if active is not None:
+        log_weights = torch.where(active, log_weights, EMPTY_LOG_WEIGHT)
+    return cluster_log_posterior_from_joint(log_weights)
+
+
+def log_weights_of(pi: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
     """:math:`\\log\\pi` of mixture weights on the simplex, floored at the dtype's smallest
-    positive number so that an empty component gives a large negative number, never -inf."""
-    return torch.log(pi.clamp_min(torch.finfo(pi.dtype).tiny))
+    positive number so that an empty component gives a large negative number, never -inf;
+    restricted to the ``active`` clusters when given (:func:`restrict_to_active`)."""
+    log_pi = torch.log(pi.clamp_min(torch.finfo(pi.dtype).tiny))
+    return log_pi if active is None else restrict_to_active(log_pi, active)
 
 
 def log_mean_exp(log_values: torch.Tensor, dim: int) -> torch.Tensor:
@@ -58,6 +73,8 @@ class GaussianMixturePrior(nn.Module):
         self.n_clusters = n_clusters
         self.latent_dim = latent_dim
         self.logits = nn.Parameter(torch.zeros(n_clusters))
+        # clusters the start found surplus (``initialize_from_physics``) are inactive: weight 0
+        self.register_buffer("active", torch.ones(n_clusters, dtype=torch.bool))
         # spread the means so that the first E-step is not symmetric
         self.loc = nn.Parameter(torch.randn(n_clusters, latent_dim))
         self.unconstrained_scale = nn.Parameter(
@@ -66,8 +83,8 @@ class GaussianMixturePrior(nn.Module):
 
     @property
     def log_weights(self) -> torch.Tensor:
-        """:math:`\\log\\pi` (K,)."""
-        return cluster_log_posterior_from_joint(self.logits)
+        """:math:`\\log\\pi` (K,); inactive clusters get weight 0 (:func:`restrict_to_active`)."""
+        return restrict_to_active(self.logits, self.active)
 
     @property
     def weights(self) -> torch.Tensor:

@@ -16,7 +16,10 @@ import torch
 from torch import nn
 
 from pima_pyro.models.experts import DEFAULT_PRIOR_SCALE, PhysicsExpert
-from pima_pyro.models.mixture import GaussianMixturePrior, cluster_log_posterior_from_joint
+from pima_pyro.models.mixture import (
+    GaussianMixturePrior,
+    restrict_to_active,
+)
 from pima_pyro.models.modalities import (
     DataModalityModule,
     Modality,
@@ -201,7 +204,7 @@ class PIMAModule(nn.Module):
         r""":math:`\log\pi` used by queries: under Bayesian globals the log of the guide's
         posterior mean :math:`\alpha_c / \sum_{c'}\alpha_{c'}`, else the point estimate."""
         if self.bayesian_globals:
-            return cluster_log_posterior_from_joint(self.q_pi_log_concentration)
+            return restrict_to_active(self.q_pi_log_concentration, self.mixture.active)
         return self.mixture.log_weights
 
     @property

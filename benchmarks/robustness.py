@@ -1,0 +1,210 @@
+"""Fits beyond the demo (issue 13): non-linear experts from their default start, close clusters,
+an over-specified K, missing curves and the pixel likelihood's posterior predictive check.
+
+Usage::
+
+    python benchmarks/robustness.py [--seeds 5] [--scenario power expdecay k_unknown hidden pixel]
+
+Each scenario builds a data set from scikit-learn's digits (labels = clusters) with a physics law,
+fits PIMA with the digits demo's settings (200 epochs, batch 128, lr 5e-3, latent 4, 1 thread)
+and prints one row per seed; the LAST line is one JSON object with every figure.
+
+* ``power``: ``Custom(a * t**p)`` with the default start (no ``init``), ten clusters; figure:
+  the largest relative error of a or p over the matched clusters.
+* ``expdecay``: ten ``ExponentialDecay`` clusters with rates 0.3..3.0; joint and image-only
+  accuracy (test split).
+* ``k_unknown``: five digits with sizes 1:2:4:8:16 and lines of slope 2 * digit, fitted with
+  K = 5 and K = 7; surplus weight (the K - 5 smallest weights) and image-only accuracy.
+* ``hidden``: the ``expdecay`` set with half the training curves hidden, against the fit on the
+  paired half only (unpaired images discarded); image-only test accuracy.
+* ``pixel``: the digits demo; pooled coverage of observed test pixels by the 5-95% range of
+  replicated pixels, per-pixel coverage, image-only accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from pima_pyro import (
+    PIMA,
+    Custom,
+    ExponentialDecay,
+    GaussianModality,
+    LinearThroughOrigin,
+    PhysicsModality,
+)
+from pima_pyro.datasets import digits_physics
+from pima_pyro.metrics import matched_accuracy
+
+FIT = {"epochs": 200, "batch_size": 128, "lr": 5e-3, "num_threads": 1, "progress": False}
+RATES = np.linspace(0.3, 3.0, 10)
+
+
+def DIGITS_IMAGE():  # noqa: N802 (a spec factory, swapped in one place)
+    return GaussianModality(scale=0.5)
+
+
+def power_law(t: torch.Tensor, a: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    return a * t**p
+
+
+def _power_truth() -> dict[int, list[float]]:
+    return {d: [1.0 + 0.3 * d, 0.5 + 0.2 * d] for d in range(10)}
+
+
+def _expdecay_truth() -> dict[int, list[float]]:
+    kappa = np.log(np.expm1(RATES))  # ExponentialDecay stores softplus^-1(rate)
+    return {d: [2.0, float(kappa[d]), 0.5] for d in range(10)}
+
+
+def _fit(specs, data, k: int, seed: int) -> PIMA:
+    model = PIMA(specs, n_clusters=k, latent_dim=4)
+    model.fit(data, seed=seed, **FIT)
+    return model
+
+
+def _accuracy(model: PIMA, data, given) -> float:
+    return matched_accuracy(data.labels.numpy(), model.cluster_posterior(data, given).argmax(1))[0]
+
+
+def _matched_theta(model: PIMA, data) -> tuple[np.ndarray, dict[int, int]]:
+    clusters = model.cluster_posterior(data).argmax(1)
+    _, mapping = matched_accuracy(data.labels.numpy(), clusters)
+    return model.physics_parameters()["curve"]["theta"], mapping
+
+
+def scenario_power(seed: int) -> dict[str, float]:
+    truth = _power_truth()
+    data = digits_physics(power_law_theta, truth, np.linspace(0.1, 2.0, 20), 0.1, seed=seed)
+    train, test = data.train_test_split(0.3, seed=seed)
+    expert = Custom(power_law, {"a": (1,), "p": (1,)})
+    model = _fit(
+        {"image": DIGITS_IMAGE(), "curve": PhysicsModality(expert=expert)}, train, 10, seed
+    )
+    theta, mapping = _matched_theta(model, train)
+    errors = [
+        np.abs(theta[c] - np.array(truth[d])) / np.abs(np.array(truth[d]))
+        for c, d in mapping.items()
+        if d in truth
+    ]
+    return {
+        "max_rel_error": float(np.max(errors)),
+        "joint": _accuracy(model, test, None),
+        "image_only": _accuracy(model, test, ["image"]),
+    }
+
+
+def power_law_theta(theta: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return power_law(t, theta[..., :1], theta[..., 1:2])
+
+
+def _expdecay_data(seed: int):
+    return digits_physics(
+        ExponentialDecay().expected_curve, _expdecay_truth(), np.linspace(0, 2, 20), 0.1, seed
+    )
+
+
+def _expdecay_specs():
+    return {"image": DIGITS_IMAGE(), "curve": PhysicsModality(expert=ExponentialDecay())}
+
+
+def scenario_expdecay(seed: int) -> dict[str, float]:
+    train, test = _expdecay_data(seed).train_test_split(0.3, seed=seed)
+    model = _fit(_expdecay_specs(), train, 10, seed)
+    rates = ExponentialDecay.rate(torch.as_tensor(model.physics_parameters()["curve"]["theta"]))
+    return {
+        "joint": _accuracy(model, test, None),
+        "image_only": _accuracy(model, test, ["image"]),
+        "rates": sorted(np.round(rates.numpy(), 2).tolist()),
+    }
+
+
+def scenario_k_unknown(seed: int) -> dict[str, float]:
+    truth = {d: [2.0 * d] for d in range(5)}
+    sizes = {d: 11 * 2**d for d in range(5)}
+    law = LinearThroughOrigin().expected_curve
+    data = digits_physics(law, truth, np.linspace(0, 1, 20), 0.5, seed=seed, sizes=sizes)
+    train, test = data.train_test_split(0.3, seed=seed)
+    out: dict[str, float] = {}
+    for k in (5, 7):
+        specs = {"image": DIGITS_IMAGE(), "curve": PhysicsModality(expert=LinearThroughOrigin())}
+        model = _fit(specs, train, k, seed)
+        weights = np.sort(model.mixture_parameters()["weights"])
+        out[f"image_only_k{k}"] = _accuracy(model, test, ["image"])
+        out[f"surplus_weight_k{k}"] = float(weights[: k - 5].sum())
+    out["gap"] = out["image_only_k5"] - out["image_only_k7"]
+    return out
+
+
+def scenario_hidden(seed: int) -> dict[str, float]:
+    train, test = _expdecay_data(seed).train_test_split(0.3, seed=seed)
+    rng = np.random.default_rng(seed + 7)
+    train.masks["curve"] = torch.as_tensor(rng.random(train.n_samples) >= 0.5)
+    paired = train.subset(np.flatnonzero(train.masks["curve"].numpy()))
+    with_unpaired = _fit(_expdecay_specs(), train, 10, seed)
+    discarded = _fit(_expdecay_specs(), paired, 10, seed)
+    return {
+        "image_only": _accuracy(with_unpaired, test, ["image"]),
+        "image_only_paired_only": _accuracy(discarded, test, ["image"]),
+    }
+
+
+def scenario_pixel(seed: int) -> dict[str, float]:
+    law = LinearThroughOrigin().expected_curve
+    truth = {d: [float(d)] for d in range(10)}
+    data = digits_physics(law, truth, np.linspace(0, 1, 20), 0.5, seed=seed)
+    train, test = data.train_test_split(0.3, seed=seed)
+    specs = {"image": DIGITS_IMAGE(), "curve": PhysicsModality(expert=LinearThroughOrigin())}
+    model = _fit(specs, train, 10, seed)
+    observed = test.values["image"].reshape(test.n_samples, -1).numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tree = model.to_datatree(test, num_samples=50, seed=seed, num_importance=2)
+    replicated = tree["posterior_predictive"]["image"].values
+    replicated = replicated.reshape(-1, test.n_samples, observed.shape[1])
+    lo, hi = np.quantile(replicated, [0.05, 0.95])
+    lo_px, hi_px = np.quantile(replicated, [0.05, 0.95], axis=0)
+    return {
+        "pooled_coverage": float(((observed >= lo) & (observed <= hi)).mean()),
+        "per_pixel_coverage": float(((observed >= lo_px) & (observed <= hi_px)).mean()),
+        "replicated_outside_01": float(((replicated < 0) | (replicated > 1)).mean()),
+        "image_only": _accuracy(model, test, ["image"]),
+    }
+
+
+SCENARIOS = {
+    "power": scenario_power,
+    "expdecay": scenario_expdecay,
+    "k_unknown": scenario_k_unknown,
+    "hidden": scenario_hidden,
+    "pixel": scenario_pixel,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--scenario", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    results: dict[str, list[dict]] = {}
+    for name in args.scenario:
+        results[name] = []
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
+            start = time.perf_counter()
+            row = SCENARIOS[name](seed)
+            row["seconds"] = round(time.perf_counter() - start, 1)
+            print(name, seed, json.dumps(row), flush=True)
+            results[name].append(row)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
