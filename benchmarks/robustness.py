@@ -14,7 +14,8 @@ and prints one row per seed; the LAST line is one JSON object with every figure.
 * ``expdecay``: ten ``ExponentialDecay`` clusters with rates 0.3..3.0; joint and image-only
   accuracy (test split).
 * ``k_unknown``: five digits with sizes 1:2:4:8:16 and lines of slope 2 * digit, fitted with
-  K = 5 and K = 7; surplus weight (the K - 5 smallest weights) and image-only accuracy.
+  K = 5, K = 7, and K = 7 with ``prune_clusters=True``; surplus weight (the K - 5 smallest
+  weights), active clusters and image-only accuracy.
 * ``hidden``: the ``expdecay`` set with half the training curves hidden, against the fit on the
   paired half only (unpaired images discarded); image-only test accuracy.
 * ``pixel``: the digits demo; pooled coverage of observed test pixels by the 5-95% range of
@@ -132,13 +133,16 @@ def scenario_k_unknown(seed: int) -> dict[str, float]:
     data = digits_physics(law, truth, np.linspace(0, 1, 20), 0.5, seed=seed, sizes=sizes)
     train, test = data.train_test_split(0.3, seed=seed)
     out: dict[str, float] = {}
-    for k in (5, 7):
+    for k, prune, tag in ((5, False, "k5"), (7, False, "k7"), (7, True, "k7_pruned")):
         specs = {"image": DIGITS_IMAGE(), "curve": PhysicsModality(expert=LinearThroughOrigin())}
-        model = _fit(specs, train, k, seed)
+        model = PIMA(specs, n_clusters=k, latent_dim=4)
+        model.fit(train, seed=seed, prune_clusters=prune, **FIT)
         weights = np.sort(model.mixture_parameters()["weights"])
-        out[f"image_only_k{k}"] = _accuracy(model, test, ["image"])
-        out[f"surplus_weight_k{k}"] = float(weights[: k - 5].sum())
+        out[f"image_only_{tag}"] = _accuracy(model, test, ["image"])
+        out[f"surplus_weight_{tag}"] = float(weights[: k - 5].sum())
+        out[f"active_{tag}"] = int(model.mixture_parameters()["active"].sum())
     out["gap"] = out["image_only_k5"] - out["image_only_k7"]
+    out["gap_pruned"] = out["image_only_k5"] - out["image_only_k7_pruned"]
     return out
 
 

@@ -340,23 +340,6 @@ def prune_clusters(result: EMResult, data: _EMData, max_tries: int = 3) -> EMRes
     return result
 
 
-def separated_means(
-    n_clusters: int, latent_dim: int, radius: float = 3.0, seed: int = 0
-) -> torch.Tensor:
-    """``n_clusters`` points (K, D) on the sphere of ``radius``, spread by farthest-point
-    selection among 64 K random directions: targets far enough apart (for unit component
-    scales) that an encoder learns its cluster from the first epochs."""
-    gen = torch.Generator().manual_seed(seed)
-    pool = torch.randn(64 * n_clusters, latent_dim, generator=gen, dtype=torch.float64)
-    pool = radius * pool / pool.norm(dim=-1, keepdim=True)
-    chosen = [0]
-    dist2 = ((pool - pool[0]) ** 2).sum(-1)
-    for _ in range(1, n_clusters):
-        chosen.append(int(dist2.argmax()))
-        dist2 = torch.minimum(dist2, ((pool - pool[chosen[-1]]) ** 2).sum(-1))
-    return pool[chosen]
-
-
 def mixture_from_embeddings(
     loc: torch.Tensor,
     log_var: torch.Tensor,

@@ -56,7 +56,6 @@ from pima_pyro.inference.initialization import (
     EMResult,
     mixture_from_embeddings,
     physics_mixture_em,
-    separated_means,
 )
 from pima_pyro.inference.posterior import latent_posterior
 from pima_pyro.models.experts import PhysicsExpert
@@ -282,7 +281,7 @@ def _frozen_parameters(net: PIMAModule, physics_started: bool) -> dict[str, tupl
     experts = tuple(f"modalities.{p}.expert." for p in net.physics_names) if physics_started else ()
     return {
         "warmup": ("mixture.", *experts),
-        "anchor": ("mixture.", "q_pi_log_concentration", *experts),
+        "anchor": ("mixture.logits", "q_pi_log_concentration", *experts),
         "full": (),
     }
 
@@ -527,13 +526,6 @@ def fit(
         params = [p for name, p in net.named_parameters() if not name.startswith(frozen)]
         return torch.optim.Adam(params, lr=lr)
 
-    if anchor_epochs > 0 and warmup_epochs == 0 and resume_state is None:
-        with torch.no_grad():
-            net.mixture.set_parameters(
-                torch.softmax(net.mixture.logits, -1),
-                separated_means(net.n_clusters, net.latent_dim, seed=seed).to(net.mixture.loc),
-                torch.ones_like(net.mixture.loc),
-            )
     if warmup_epochs > 0 and resume_state is None:
         with torch.no_grad():
             net.mixture.set_parameters(

@@ -424,8 +424,9 @@ def start_candidates(
     unconstrained = transform.inv(draws).to(device)
     shrunk = [unconstrained * f for f in START_SHRINKS]
     shrunk.append(torch.zeros(1, expert.num_params, dtype=dtype, device=device))
-    current = expert.theta_unconstrained.detach().to(dtype=dtype, device=device)
-    return transform(torch.cat([*shrunk, current]))
+    if hasattr(expert, "theta_unit"):  # bound: the current theta (a user's init) competes too
+        shrunk.append(expert.theta_unconstrained.detach().to(dtype=dtype, device=device))
+    return transform(torch.cat(shrunk))
 
 
 def best_candidates(
