@@ -247,7 +247,9 @@ def initialize_from_physics(
         for p in physics:
             experts[p].set_theta(em.theta[p].to(dtype))
             experts[p].set_noise_scale(em.noise_scale[p].to(dtype))
-            warn_unmoved_parameters(p, experts[p], starts[p], em.theta[p][em.active])
+            warn_unmoved_parameters(
+                p, experts[p], starts[p], em.theta[p][em.active], net.modalities[p].grid
+            )
         net.mixture.active.copy_(em.active)
         net.mixture.logits.copy_(log_weights_of(em.weights, em.active).to(dtype))
     counts = {
@@ -258,19 +260,33 @@ def initialize_from_physics(
 
 
 def warn_unmoved_parameters(
-    name: str, expert: PhysicsExpert, start: torch.Tensor, fitted: torch.Tensor
+    name: str, expert: PhysicsExpert, start: torch.Tensor, fitted: torch.Tensor, t: torch.Tensor
 ) -> None:
-    """``UserWarning`` naming each parameter of ``expert`` whose fitted values (K', P) all equal
-    its start (K, P) to float precision."""
+    """``UserWarning`` naming each parameter of ``expert`` that EM left where it started in
+    every cluster, or in which the fitted curves (K', T) are flat (their derivative is zero in
+    every cluster at the ``fitted`` theta (K', P)): either way the data do not determine it."""
+    if fitted.shape[0] == 0:
+        return
     start = start.to(fitted)
     unmoved = torch.isclose(fitted, start[: fitted.shape[0]], rtol=1e-6, atol=1e-9).all(0)
-    if fitted.shape[0] and start.shape[0] == expert.n_clusters and bool(unmoved.any()):
-        params = [expert.param_names[i] for i in torch.flatnonzero(unmoved).tolist()]
+    transform = expert.theta_transform
+    with torch.enable_grad():
+        jac = torch.autograd.functional.jacobian(
+            lambda u: expert.expected_curve(transform(u), t.to(fitted)),
+            transform.inv(fitted.detach()),
+        )  # (K', T, K', P)
+    sensitivity = jac.abs().amax(dim=(0, 1, 2))  # (P,)
+    flat = sensitivity <= 1e-8 * (
+        1.0 + float(expert.expected_curve(fitted, t.to(fitted)).abs().max())
+    )
+    suspect = unmoved | flat
+    if bool(suspect.any()):
+        params = [expert.param_names[i] for i in torch.nonzero(suspect).flatten().tolist()]
         warnings.warn(
             f"modality '{name}': physics parameter(s) {params} did not move from their start "
-            f"{start[0, unmoved].tolist()} during EM: the likelihood is flat there. Give a "
-            "start near the data (Custom(init=...)) or a prior whose draws cover it, or check "
-            "that the parameter is identified by the grid",
+            "during EM or the curves do not depend on them at the fit: the data do not "
+            "determine them there. Give a start near the data (Custom(init=...)) or a prior "
+            "whose draws cover it, or check that the parameter is identified by the grid",
             stacklevel=3,
         )
 

@@ -1,0 +1,214 @@
+"""Starts that hold beyond the demo (issue 13): data-driven starts for every expert, the
+unmoved-parameter warning, split-and-merge, BIC pruning with inactive clusters, the anchor
+phase, and the ``digits_physics`` data set. Truths are simulated; every figure is checked
+against the parameters that generated the data."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from pima_pyro import PIMA, Custom, GaussianModality, LinearThroughOrigin, PhysicsModality
+from pima_pyro.datasets import digits_physics
+from pima_pyro.inference.initialization import (
+    _em_from_responsibilities,
+    _EMData,
+    physics_mixture_em,
+    split_and_merge,
+)
+from pima_pyro.inference.svi import warn_unmoved_parameters
+from pima_pyro.models.experts import start_candidates
+
+
+def _power(t, a, p):
+    return a * t**p
+
+
+def _lines(slopes, n_per, noise, seed, t):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(len(slopes)).repeat_interleave(n_per)
+    slopes = torch.as_tensor(slopes, dtype=torch.float64)
+    y = slopes[labels, None] * t + noise * torch.randn(len(labels), len(t), generator=g)
+    return y.double(), labels
+
+
+def _damped_sine(t, a, w):
+    return a * torch.sin(w * t)
+
+
+def test_custom_expert_from_its_default_start_recovered_by_em():
+    """No init: theta starts at (a, w) = (0, 0), where a sin(w t) has zero gradient in both
+    parameters; gradient steps from there never move. The start search over prior draws must
+    still find all three clusters."""
+    expert = Custom(_damped_sine, {"a": (1,), "w": (1,)}).bind(3)
+    t = torch.linspace(0.0, 3.0, 30, dtype=torch.float64)
+    truth = torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]], dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(3).repeat_interleave(60)
+    y = expert.expected_curve(truth, t)[labels] + 0.1 * torch.randn(180, 30, generator=g).double()
+    mask = torch.ones(180, dtype=torch.bool)
+    res = physics_mixture_em({"y": y}, {"y": mask}, {"y": expert}, {"y": t}, n_clusters=3)
+    theta = res.theta["y"] * torch.sign(res.theta["y"][:, :1])  # (a, w) and (-a, -w) agree
+    got = theta[theta[:, 0].argsort()]
+    np.testing.assert_allclose(got.numpy(), truth.numpy(), rtol=0.05)
+
+
+def test_start_candidates_are_deterministic_inside_the_support_and_keep_the_init():
+    import pyro.distributions as dist
+
+    expert = Custom(
+        _power,
+        {"a": (1,), "p": (1,)},
+        priors={"p": dist.LogNormal(torch.zeros(1), torch.ones(1)).to_event(1)},
+        init={"a": [7.0], "p": [3.0]},
+    ).bind(2)
+    first = start_candidates(expert, seed=3)
+    torch.manual_seed(0)
+    before = torch.rand(1)
+    torch.manual_seed(0)
+    assert torch.equal(first, start_candidates(expert, seed=3))
+    assert torch.equal(torch.rand(1), before)  # the global stream is untouched
+    assert bool((first[:, 1] > 0).all())  # exponent keeps its positive support
+    assert any(torch.allclose(row, torch.tensor([7.0, 3.0]).double()) for row in first)
+
+
+def test_warning_names_a_parameter_em_never_moved():
+    def flat_in_b(t, a, b):
+        return a * t + 0.0 * b
+
+    expert = Custom(flat_in_b, {"a": (1,), "b": (1,)}).bind(2)
+    t = torch.linspace(0, 1, 10, dtype=torch.float64)
+    y, _ = _lines([1.0, 4.0], 30, 0.1, 0, t)
+    start = expert.theta.detach().clone()
+    res = physics_mixture_em(
+        {"y": y}, {"y": torch.ones(60, dtype=torch.bool)}, {"y": expert}, {"y": t}, 2
+    )
+    t32 = t.float()
+    with pytest.warns(UserWarning, match=r"\['b'\] did not move"):
+        warn_unmoved_parameters("y", expert, start, res.theta["y"].float(), t32)
+    # an identified parameter left exactly at its start is reported too
+    line = Custom(lambda t, a: a * t, {"a": (1,)}).bind(2)
+    with pytest.warns(UserWarning, match=r"\['a'\]"):
+        warn_unmoved_parameters("y", line, line.theta.detach(), line.theta.detach(), t32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_unmoved_parameters("y", line, line.theta.detach(), res.theta["y"][:, :1].float(), t32)
+
+
+def _em_data(y, t, expert):
+    mask = torch.ones(y.shape[0], dtype=torch.bool)
+    return _EMData(
+        y={"y": y},
+        m={"y": mask},
+        t={"y": t},
+        experts={"y": expert},
+        any_observed=mask,
+        floors={"y": 1e-6},
+        max_iter=300,
+        tol=1e-9,
+    )
+
+
+def test_split_and_merge_escapes_two_clusters_on_one_line():
+    """Start: clusters 0 and 1 share the slope-0 samples, cluster 2 holds slopes 3 and 6
+    together; EM keeps that local optimum, split-and-merge must reach slopes 0, 3, 6."""
+    t = torch.linspace(0, 1, 20, dtype=torch.float64)
+    y, labels = _lines([0.0, 3.0, 6.0], 50, 0.3, 1, t)
+    data = _em_data(y, t, LinearThroughOrigin())
+    resp = torch.zeros(150, 3, dtype=torch.float64)
+    resp[:25, 0] = resp[25:50, 1] = resp[50:, 2] = 1.0
+    stuck = _em_from_responsibilities(resp, data, torch.ones(3, dtype=torch.bool))
+    assert sorted(stuck.theta["y"][:, 0].round().tolist()) != [0.0, 3.0, 6.0]
+    fixed = split_and_merge(stuck, data, y.sum(1, keepdim=True).numpy())
+    assert fixed.log_likelihood > stuck.log_likelihood + 100
+    np.testing.assert_allclose(sorted(fixed.theta["y"][:, 0].tolist()), [0, 3, 6], atol=0.1)
+
+
+def test_pruning_leaves_surplus_clusters_inactive_with_weight_exactly_zero():
+    t = torch.linspace(0, 1, 20, dtype=torch.float64)
+    y, labels = _lines([0.0, 4.0], 80, 0.3, 2, t)
+    mask = torch.ones(160, dtype=torch.bool)
+    args = ({"y": y}, {"y": mask}, {"y": LinearThroughOrigin()}, {"y": t}, 4)
+    kept = physics_mixture_em(*args)
+    pruned = physics_mixture_em(*args, prune=True)
+    assert kept.n_active == 4
+    assert pruned.n_active == 2
+    assert float(pruned.weights[~pruned.active].abs().max()) == 0.0
+    assert float(pruned.responsibilities[:, ~pruned.active].max()) < 1e-30
+    slopes = sorted(pruned.theta["y"][pruned.active, 0].tolist())
+    np.testing.assert_allclose(slopes, [0.0, 4.0], atol=0.1)
+
+
+def _line_data(n_per=40, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(2), n_per)
+    x = rng.normal(size=(labels.size, 3)) + 3.0 * labels[:, None]
+    t = np.linspace(0, 1, 10)
+    y = (4.0 * labels)[:, None] * t + 0.2 * rng.normal(size=(labels.size, 10))
+    from pima_pyro import MultimodalData
+
+    return MultimodalData({"x": x, "y": y}, grids={"y": t}, labels=labels)
+
+
+def _specs():
+    return {
+        "x": GaussianModality(hidden=(16,)),
+        "y": PhysicsModality(expert=LinearThroughOrigin(), hidden=(16,)),
+    }
+
+
+def test_pruned_fit_reports_empty_clusters_and_every_query_gives_them_zero():
+    data = _line_data()
+    model = PIMA(_specs(), n_clusters=4, latent_dim=2)
+    model.fit(data, epochs=4, batch_size=40, seed=0, progress=False, prune_clusters=True)
+    mix = model.mixture_parameters()
+    assert mix["active"].sum() == 2
+    with torch.no_grad():  # even logits that drifted up leave an inactive cluster empty
+        model.module.mixture.logits[torch.as_tensor(~mix["active"])] = 5.0
+    mix = model.mixture_parameters()
+    assert float(np.abs(mix["weights"][~mix["active"]]).max()) == 0.0
+    for given in (None, ["x"]):
+        prob = model.cluster_posterior(data, given=given)
+        assert float(prob[:, ~mix["active"]].max()) < 1e-12
+
+
+def test_anchor_phase_holds_experts_and_weights_then_frees_them():
+    data = _line_data()
+    model = PIMA(_specs(), n_clusters=2, latent_dim=2)
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def record(epoch, step):
+        net = model.module
+        seen[epoch] = (
+            net.modalities["y"].expert.theta.detach().clone(),
+            net.mixture.logits.detach().clone(),
+            net.mixture.loc.detach().clone(),
+        )
+
+    model.fit(
+        data, epochs=6, batch_size=40, seed=0, progress=False, anchor_epochs=3, on_step=record
+    )
+    for epoch in (1, 2):  # anchored: only the latent mixture and the networks move
+        assert torch.equal(seen[epoch][0], seen[0][0])
+        assert torch.equal(seen[epoch][1], seen[0][1])
+        assert not torch.equal(seen[epoch][2], seen[0][2])
+    assert not torch.equal(seen[5][0], seen[2][0])
+    assert not torch.equal(seen[5][1], seen[2][1])
+
+
+def test_digits_physics_applies_the_law_sizes_and_hidden_fraction():
+    law = LinearThroughOrigin().expected_curve
+    grid = np.linspace(0, 1, 5)
+    data = digits_physics(law, {1: [2.0], 3: [-1.0]}, grid, noise_std=0.0, sizes={1: 7, 3: 4})
+    assert data.n_samples == 11
+    labels = data.labels.numpy()
+    assert sorted(set(labels.tolist())) == [1, 3]
+    expected = np.where(labels == 1, 2.0, -1.0)[:, None] * grid
+    np.testing.assert_allclose(data.values["curve"].numpy(), expected, atol=1e-6)
+    hidden = digits_physics(law, {d: [float(d)] for d in range(10)}, grid, hide_fraction=0.5)
+    assert abs(float(hidden.masks["curve"].float().mean()) - 0.5) < 0.05
+    with pytest.raises(ValueError, match="sizes"):
+        digits_physics(law, {1: [2.0]}, grid, sizes={1: 10_000})
