@@ -510,7 +510,10 @@ class PIMA:
             model.prior_expert,
             bayesian_globals=model.bayesian_globals,
         )
-        model.module.load_state_dict(payload["state_dict"])
+        state = dict(payload["state_dict"])
+        # files written before clusters could be inactive have no mask: every cluster is active
+        state.setdefault("mixture.active", model.module.mixture.active)
+        model.module.load_state_dict(state)
         model.module.to(resolve_device(map_location)).eval()
         if payload.get("history"):
             h = payload["history"]
