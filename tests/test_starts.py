@@ -173,6 +173,8 @@ def test_pruned_fit_reports_empty_clusters_and_every_query_gives_them_zero():
     for given in (None, ["x"]):
         prob = model.cluster_posterior(data, given=given)
         assert float(prob[:, ~mix["active"]].max()) < 1e-12
+    with pytest.raises(ValueError, match="inactive clusters.*prune_clusters"):
+        model.sample_physics_posterior(data, num_samples=2, warmup_steps=2, num_chains=1)
 
 
 def test_anchor_phase_holds_experts_and_weights_then_frees_them():

@@ -243,7 +243,7 @@ def _posterior_vars(
     num_samples = z.shape[0]
     mix = net.mixture
     out = {
-        "pi": (("chain", "draw", "cluster"), _cd(draws["pi"])),
+        "pi": (("chain", "draw", "cluster"), _cd(log_weights_of(draws["pi"], mix.active).exp())),
         "mu": (("chain", "draw", "cluster", "latent"), _cd(mix.loc.expand(num_samples, -1, -1))),
         "sigma": (
             ("chain", "draw", "cluster", "latent"),

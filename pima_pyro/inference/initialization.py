@@ -214,7 +214,8 @@ def _em_from_responsibilities(
     resp = resp * active
     for n_iter in range(1, (max_iter or data.max_iter) + 1):  # noqa: B007 (reported after)
         # M-step
-        weights = resp[data.any_observed].sum(0) * active
+        # a small floor lets an active cluster that lost its members win some back
+        weights = (resp[data.any_observed].sum(0) + 1e-8) * active
         weights = weights / weights.sum().clamp_min(1e-300)
         noise2 = {}
         for name in y:

@@ -225,6 +225,13 @@ def physics_nuts(
 def _check_nuts_arguments(net, names, num_samples, warmup_steps, num_chains, init_scale) -> None:
     if not names:
         raise ValueError("physics_nuts: needs at least one physics modality")
+    if not bool(net.mixture.active.all()):
+        # relabelling reorders clusters per draw; the fixed inactive mask would follow no one
+        raise ValueError(
+            "physics_nuts: the model has inactive clusters (fit with prune_clusters=True); "
+            "NUTS with relabelling needs every cluster active: refit with prune_clusters=False "
+            "and n_clusters set to the number of active clusters"
+        )
     for name in names:
         if name not in net.physics_names:
             raise ValueError(f"physics_nuts: '{name}' is not a physics modality of the model")

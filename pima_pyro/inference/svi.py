@@ -248,7 +248,7 @@ def initialize_from_physics(
             experts[p].set_theta(em.theta[p].to(dtype))
             experts[p].set_noise_scale(em.noise_scale[p].to(dtype))
             warn_unmoved_parameters(
-                p, experts[p], starts[p], em.theta[p][em.active], net.modalities[p].grid
+                p, experts[p], starts[p][em.active], em.theta[p][em.active], net.modalities[p].grid
             )
         net.mixture.active.copy_(em.active)
         net.mixture.logits.copy_(log_weights_of(em.weights, em.active).to(dtype))
@@ -268,7 +268,7 @@ def warn_unmoved_parameters(
     if fitted.shape[0] == 0:
         return
     start = start.to(fitted)
-    unmoved = torch.isclose(fitted, start[: fitted.shape[0]], rtol=1e-6, atol=1e-9).all(0)
+    unmoved = torch.isclose(fitted, start, rtol=1e-6, atol=1e-9).all(0)
     transform = expert.theta_transform
     with torch.enable_grad():
         jac = torch.autograd.functional.jacobian(
@@ -509,7 +509,7 @@ def fit(
         if resume_state["responsibilities"] is not None:
             responsibilities = resume_state["responsibilities"].to(device)
         warmup_epochs = resume_state["warmup_epochs"]
-        anchor_epochs = resume_state["anchor_epochs"]
+        anchor_epochs = resume_state.get("anchor_epochs", 0)
     elif physics:
         em = initialize_from_physics(
             net, full, seed=seed, em_starts=em_starts, prune=prune_clusters

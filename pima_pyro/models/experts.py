@@ -418,9 +418,12 @@ def start_candidates(
     (the prior's scale need not be the data's), plus the origin and the expert's current theta
     (a user's ``init``). Deterministic for a given ``seed``; the global RNG is untouched."""
     transform = expert.theta_transform
-    with torch.random.fork_rng(devices=[]):
+    prior = expert.prior()
+    ref = getattr(expert, "theta_unit", None)  # the prior follows the bound module's device
+    devices = [ref.device] if ref is not None and ref.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # CUDA's stream too when the prior lives there
         torch.manual_seed(seed)
-        draws = expert.prior().sample((n_draws,)).to(dtype=dtype, device="cpu")
+        draws = prior.sample((n_draws,)).to(dtype=dtype, device="cpu")
     unconstrained = transform.inv(draws).to(device)
     shrunk = [unconstrained * f for f in START_SHRINKS]
     shrunk.append(torch.zeros(1, expert.num_params, dtype=dtype, device=device))
@@ -514,8 +517,8 @@ class BilinearStressStrain(PhysicsExpert):
     def heuristic_theta(self, mean_curves: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         # try every grid point as the kink, keep the best two-slope least-squares fit
         t = t.to(mean_curves)
-        best_err = torch.full((mean_curves.shape[0],), float("inf"), dtype=t.dtype)
-        best = torch.zeros(mean_curves.shape[0], 3, dtype=t.dtype)
+        best_err = torch.full((mean_curves.shape[0],), float("inf"), dtype=t.dtype, device=t.device)
+        best = torch.zeros(mean_curves.shape[0], 3, dtype=t.dtype, device=t.device)
         for j in range(2, t.shape[0] - 2):
             ey = t[j]
             design = torch.stack([t.clamp(max=ey), (t - ey).clamp(min=0)], dim=-1)
