@@ -101,10 +101,9 @@ def per_curve_estimates(
     Linear experts: least squares. Others: the best start candidate per curve
     (:meth:`PhysicsExpert.initial_theta`) refined by :func:`least_squares_fit`.
     """
+    start = expert.initial_theta(curves, t)  # linear experts: already the least-squares fit
     if expert.is_linear:
-        design = expert.design_matrix(t).to(curves)
-        return torch.linalg.lstsq(design, curves.T).solution.T
-    start = expert.initial_theta(curves, t)
+        return start
     ones = torch.ones(curves.shape[0], dtype=curves.dtype, device=curves.device)
     theta = least_squares_fit(expert, t, curves, ones, start, steps=steps)
     return expert.theta_transform.inv(theta)
