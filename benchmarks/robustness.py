@@ -34,6 +34,7 @@ import torch
 
 from pima_pyro import (
     PIMA,
+    BernoulliModality,
     Custom,
     ExponentialDecay,
     GaussianModality,
@@ -47,8 +48,15 @@ FIT = {"epochs": 200, "batch_size": 128, "lr": 5e-3, "num_threads": 1, "progress
 RATES = np.linspace(0.3, 3.0, 10)
 
 
+IMAGE_LIKELIHOOD: dict = {"name": "gaussian", "scale": 0.5}
+
+
 def DIGITS_IMAGE():  # noqa: N802 (a spec factory, swapped in one place)
-    return GaussianModality(scale=0.5)
+    if IMAGE_LIKELIHOOD["name"] == "cb":
+        return BernoulliModality(continuous=True)
+    if IMAGE_LIKELIHOOD["name"] == "censored":
+        return GaussianModality(scale=IMAGE_LIKELIHOOD["scale"], bounds=(0.0, 1.0))
+    return GaussianModality(scale=IMAGE_LIKELIHOOD["scale"])
 
 
 def power_law(t: torch.Tensor, a: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -196,7 +204,15 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--scenario", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    parser.add_argument(
+        "--image",
+        choices=["gaussian", "cb", "censored"],
+        default="gaussian",
+        help="pixel likelihood: Gaussian, continuous Bernoulli, or Gaussian censored to [0, 1]",
+    )
+    parser.add_argument("--image-scale", type=float, default=0.5, help="Gaussian pixel scale")
     args = parser.parse_args()
+    IMAGE_LIKELIHOOD.update(name=args.image, scale=args.image_scale)
     torch.set_num_threads(1)
     results: dict[str, list[dict]] = {}
     for name in args.scenario:

@@ -113,6 +113,14 @@ class PIMA:
             if name not in self.specs:
                 continue
             spec = self.specs[name]
+            bounds = getattr(spec, "bounds", None)
+            if bounds is not None:
+                observed = data.values[name][data.masks[name]]
+                if observed.numel() and (observed.min() < bounds[0] or observed.max() > bounds[1]):
+                    raise ValueError(
+                        f"modality '{name}': values must lie within bounds {tuple(bounds)}, got "
+                        f"range [{float(observed.min()):.3g}, {float(observed.max()):.3g}]"
+                    )
             if isinstance(spec, BernoulliModality):
                 observed = data.values[name][data.masks[name]]
                 if observed.numel() and (observed.min() < 0 or observed.max() > 1):

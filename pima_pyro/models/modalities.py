@@ -20,6 +20,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from pima_pyro.models.censored import CensoredNormal
 from pima_pyro.models.experts import PhysicsExpert, cluster_log_likelihood, curve_likelihood
 from pima_pyro.models.networks import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
 
@@ -80,13 +81,26 @@ class GaussianModality(Modality):
     this modality's reconstruction weighs against the others and against the mixture prior: a
     small fixed scale on many pixels drowns a short physics curve (DESIGN section 8), so the
     defaults of the bundled data sets are fixed scales stated in their docstrings.
+
+    ``bounds=(low, high)`` makes it the censored normal
+    (:class:`~pima_pyro.models.censored.CensoredNormal`) for data that a measurement clips
+    to a window, such as pixels in [0, 1]: values at a bound carry the probability of lying
+    beyond it, and replicated data pile up at the bounds as the observed data do.
     """
 
     scale: float | None = 1.0
+    bounds: tuple[float, float] | None = None
     kind: ClassVar[str] = "gaussian"
 
     def validate(self, name: str) -> None:
         super().validate(name)
+        if self.bounds is not None and not (
+            len(self.bounds) == 2 and float(self.bounds[0]) < float(self.bounds[1])
+        ):
+            raise ValueError(
+                f"modality '{name}': bounds must be (low, high) with low < high, got "
+                f"{self.bounds!r}"
+            )
         if self.scale is not None and not (isinstance(self.scale, int | float) and self.scale > 0):
             raise ValueError(
                 f"modality '{name}': scale must be a positive float or None (learned), "
@@ -172,7 +186,11 @@ class DataModalityModule(nn.Module):
             scale = self.observation_scale
             if not torch.is_tensor(scale):
                 scale = torch.tensor(scale, dtype=out.dtype, device=out.device)
-            base: dist.Distribution = dist.Normal(out, scale.expand_as(out))
+            scale = scale.expand_as(out)
+            bounds = self.spec.bounds
+            base: dist.Distribution = (
+                dist.Normal(out, scale) if bounds is None else CensoredNormal(out, scale, *bounds)
+            )
         elif isinstance(self.spec, BernoulliModality) and self.spec.continuous:
             # clamped logits: the normaliser of the continuous Bernoulli overflows in float32
             base = dist.ContinuousBernoulli(logits=out.clamp(-15.0, 15.0))
@@ -184,7 +202,7 @@ class DataModalityModule(nn.Module):
         """:math:`E[x \\mid z]`."""
         out = self.decoder(z)
         if isinstance(self.spec, GaussianModality):
-            return out
+            return out if self.spec.bounds is None else self.likelihood(z).base_dist.mean
         if isinstance(self.spec, BernoulliModality) and self.spec.continuous:
             return dist.ContinuousBernoulli(logits=out.clamp(-15.0, 15.0)).mean
         return torch.sigmoid(out)
