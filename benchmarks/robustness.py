@@ -41,6 +41,7 @@ from pima_pyro import (
     LinearThroughOrigin,
     PhysicsModality,
 )
+from pima_pyro.criticism import value_ppc
 from pima_pyro.datasets import digits_physics
 from pima_pyro.metrics import matched_accuracy
 
@@ -174,20 +175,10 @@ def scenario_pixel(seed: int) -> dict[str, float]:
     train, test = data.train_test_split(0.3, seed=seed)
     specs = {"image": DIGITS_IMAGE(), "curve": PhysicsModality(expert=LinearThroughOrigin())}
     model = _fit(specs, train, 10, seed)
-    observed = test.values["image"].reshape(test.n_samples, -1).numpy()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tree = model.to_datatree(test, num_samples=50, seed=seed, num_importance=2)
-    replicated = tree["posterior_predictive"]["image"].values
-    replicated = replicated.reshape(-1, test.n_samples, observed.shape[1])
-    lo, hi = np.quantile(replicated, [0.05, 0.95])
-    lo_px, hi_px = np.quantile(replicated, [0.05, 0.95], axis=0)
-    return {
-        "pooled_coverage": float(((observed >= lo) & (observed <= hi)).mean()),
-        "per_pixel_coverage": float(((observed >= lo_px) & (observed <= hi_px)).mean()),
-        "replicated_outside_01": float(((replicated < 0) | (replicated > 1)).mean()),
-        "image_only": _accuracy(model, test, ["image"]),
-    }
+    return {**value_ppc(tree, "image"), "image_only": _accuracy(model, test, ["image"])}
 
 
 SCENARIOS = {

@@ -113,3 +113,60 @@ def plot_physics_bands(
     if path is not None:
         fig.savefig(path, dpi=120)
     return fig
+
+
+def _observed_and_replicated(tree: xr.DataTree, modality: str) -> tuple[np.ndarray, np.ndarray]:
+    """Observed values (n_obs, F) of the samples where ``modality`` was observed, and their
+    replicates (draws, n_obs, F), features flattened."""
+    observed = tree["observed_data"][modality].values
+    replicated = tree["posterior_predictive"][modality].values
+    mask = tree["constant_data"][f"{modality}_observed"].values.astype(bool)
+    n = observed.shape[0]
+    return (
+        observed[mask].reshape(int(mask.sum()), -1),
+        replicated.reshape(-1, n, observed[0].size)[:, mask],
+    )
+
+
+def value_ppc(tree: xr.DataTree, modality: str, interval: float = 0.9) -> dict[str, float]:
+    """Posterior predictive check of the distribution of a modality's values (e.g. pixels).
+
+    Returns ``pooled_coverage`` (fraction of observed values inside the equal-tailed
+    ``interval`` of all replicated values pooled), ``per_value_coverage`` (inside the interval of
+    their own replicates; about ``interval`` when calibrated, near 1 when over-dispersed) and
+    ``replicated_outside_observed_range`` (fraction of replicates outside [min, max] of the
+    observed values: a Gaussian on pixels in [0, 1] puts mass below 0 and above 1).
+    """
+    observed, replicated = _observed_and_replicated(tree, modality)
+    alpha = (1 - interval) / 2
+    lo, hi = np.quantile(replicated, [alpha, 1 - alpha])
+    lo_each, hi_each = np.quantile(replicated, [alpha, 1 - alpha], axis=0)
+    outside = (replicated < observed.min()) | (replicated > observed.max())
+    return {
+        "pooled_coverage": float(((observed >= lo) & (observed <= hi)).mean()),
+        "per_value_coverage": float(((observed >= lo_each) & (observed <= hi_each)).mean()),
+        "replicated_outside_observed_range": float(outside.mean()),
+    }
+
+
+def plot_value_ppc(
+    tree: xr.DataTree,
+    modality: str,
+    path: str | os.PathLike[str] | None = None,
+    bins: int = 40,
+    label: str = "",
+) -> plt.Figure:
+    """Histograms (densities) of the observed values of ``modality`` and of their replicates."""
+    observed, replicated = _observed_and_replicated(tree, modality)
+    edges = np.histogram_bin_edges(np.concatenate([observed.ravel(), replicated.ravel()]), bins)
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    ax.hist(replicated.ravel(), edges, density=True, alpha=0.5, label="replicated")
+    ax.hist(observed.ravel(), edges, density=True, histtype="step", lw=1.5, label="observed")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"{modality} value")
+    ax.set_title(f"posterior predictive check of {modality} values {label}".strip())
+    ax.legend()
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig

@@ -65,3 +65,39 @@ def test_bounds_are_validated_and_data_outside_them_refused():
     model = PIMA({"x": GaussianModality(bounds=(0.0, 1.0), hidden=(4,))}, n_clusters=1)
     with pytest.raises(ValueError, match="modality 'x'.*bounds"):
         model.fit(data, epochs=1, progress=False)
+
+
+def _tree(observed: np.ndarray, replicated: np.ndarray, mask: np.ndarray):
+    import xarray as xr
+
+    n, f = observed.shape
+    return xr.DataTree.from_dict(
+        {
+            "observed_data": xr.Dataset({"x": (("obs", "f"), observed)}),
+            "posterior_predictive": xr.Dataset(
+                {"x": (("chain", "draw", "obs", "f"), replicated.reshape(1, -1, n, f))}
+            ),
+            "constant_data": xr.Dataset({"x_observed": (("obs",), mask)}),
+        }
+    )
+
+
+def test_value_ppc_against_hand_computed_figures():
+    from pima_pyro.criticism import value_ppc
+
+    rng = np.random.default_rng(0)
+    observed = rng.random((50, 4))
+    mask = np.ones(50, dtype=bool)
+    mask[:10] = False  # unobserved rows take no part
+    observed[:10] = 100.0
+    # replicates that copy the data: every value inside its own (degenerate) interval
+    same = value_ppc(_tree(observed, np.repeat(observed[None], 20, 0), mask), "x")
+    assert same["per_value_coverage"] == 1.0
+    assert same["replicated_outside_observed_range"] == 0.0
+    # wide Gaussian replicates: the share outside [min, max] matches the normal cdf
+    wide = rng.normal(0.5, 2.0, (400, 50, 4))
+    figures = value_ppc(_tree(observed, wide, mask), "x")
+    kept = observed[mask]
+    expected = stats.norm.cdf(kept.min(), 0.5, 2.0) + stats.norm.sf(kept.max(), 0.5, 2.0)
+    assert figures["replicated_outside_observed_range"] == pytest.approx(expected, abs=0.01)
+    assert figures["pooled_coverage"] == 1.0

@@ -116,6 +116,27 @@ tree"""
         """ppc = ppc_by_cluster(tree, "curve")
 print(ppc.to_dataframe().round(3))"""
     ),
+    new_markdown_cell(
+        "## Posterior predictive check of the pixels\n\n"
+        "Digit pixels lie in [0, 1] and pile up at 0 and 1. A Gaussian of scale 0.5 replicates "
+        "values far outside [0, 1]; the censored normal (`GaussianModality(bounds=(0, 1))`) puts "
+        "that mass on the bounds, where the observed pixels are."
+    ),
+    new_code_cell(
+        """from pima_pyro.criticism import plot_value_ppc, value_ppc
+
+print("Gaussian pixels:", value_ppc(tree, "image"))
+plot_value_ppc(tree, "image", label="(Gaussian, scale 0.5)")
+censored_specs = {
+    "image": pp.GaussianModality(scale=0.5, bounds=(0.0, 1.0)),
+    "curve": pp.PhysicsModality(expert=pp.LinearThroughOrigin()),
+}
+censored = pp.PIMA(censored_specs, n_clusters=10, latent_dim=4)
+censored.fit(data, epochs=epochs, seed=0, progress=False)
+censored_tree = censored.to_datatree(data, num_samples=50, num_importance=2)
+print("censored pixels:", value_ppc(censored_tree, "image"))
+plot_value_ppc(censored_tree, "image", label="(censored to [0, 1])");"""
+    ),
     new_markdown_cell("## Physics parameters: posterior draws and credible bands"),
     new_code_cell(
         """idata = pp.inference.export.to_arviz(tree)
