@@ -170,3 +170,58 @@ def plot_value_ppc(
     if path is not None:
         fig.savefig(path, dpi=120)
     return fig
+
+
+def heldout_log_predictive(tree: xr.DataTree, var_name: str = "total") -> np.ndarray:
+    r"""Per-sample log predictive density of held-out data, :math:`\log \frac1S \sum_s
+    p(x_n \mid g_s)` over the S draws of the globals in an export of the held-out data: (N,)."""
+    ll = tree["log_likelihood"][var_name].values  # (chain, draw, obs)
+    ll = ll.reshape(-1, ll.shape[-1])
+    peak = ll.max(0)
+    return peak + np.log(np.exp(ll - peak).mean(0))
+
+
+def compare_n_clusters(
+    make_model: Any,
+    train: Any,
+    test: Any,
+    n_clusters: list[int],
+    num_samples: int = 50,
+    **fit_kwargs: Any,
+) -> list[dict[str, float]]:
+    """Fit ``make_model(K)`` on ``train`` for each K and score it on ``test``.
+
+    Each row: ``n_clusters``, ``heldout_lpd`` (mean of :func:`heldout_log_predictive` on
+    ``total``: higher is better; compare it across K with its ``heldout_lpd_se``),
+    ``active`` and ``min_weight`` (a K above the data's shows up as surplus weight or inactive
+    clusters), and ``elpd_loo`` on ``train`` when the model has Bayesian globals (PSIS-LOO
+    needs posterior draws; point estimates would measure in-sample fit).
+    """
+    import warnings
+
+    import arviz as az
+
+    rows = []
+    for k in n_clusters:
+        model = make_model(k)
+        model.fit(train, **fit_kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the point-estimate note: held-out data here
+            tree = model.to_datatree(test, num_samples=num_samples, posterior_predictive=False)
+        lpd = heldout_log_predictive(tree)
+        mix = model.mixture_parameters()
+        row = {
+            "n_clusters": float(k),
+            "heldout_lpd": float(lpd.mean()),
+            "heldout_lpd_se": float(lpd.std(ddof=1) / np.sqrt(lpd.size)),
+            "active": float(mix["active"].sum()),
+            "min_weight": float(mix["weights"][mix["active"]].min()),
+        }
+        if model.bayesian_globals:
+            train_tree = model.to_datatree(
+                train, num_samples=num_samples, posterior_predictive=False
+            )
+            loo = az.loo(to_arviz(train_tree), var_name="total")
+            row["elpd_loo"] = float(getattr(loo, "elpd_loo", getattr(loo, "elpd", np.nan)))
+        rows.append(row)
+    return rows

@@ -228,3 +228,38 @@ def test_model_files_without_the_active_mask_still_load(tmp_path):
     loaded = PIMA.load(path)
     assert bool(loaded.module.mixture.active.all())
     np.testing.assert_allclose(loaded.cluster_posterior(data), model.cluster_posterior(data))
+
+
+def test_compare_n_clusters_prefers_the_true_k_on_held_out_data():
+    from pima_pyro.criticism import compare_n_clusters
+
+    train, test = _line_data(n_per=60, seed=0), _line_data(n_per=30, seed=1)
+    rows = compare_n_clusters(
+        lambda k: PIMA(_specs(), n_clusters=k, latent_dim=2),
+        train,
+        test,
+        [1, 2],
+        num_samples=4,
+        epochs=20,
+        batch_size=40,
+        seed=0,
+        progress=False,
+    )
+    by_k = {int(r["n_clusters"]): r for r in rows}
+    # two lines of slopes 0 and 4 under noise 0.2: one cluster must explain both, and the
+    # held-out density of the curves alone drops by far more than the standard errors
+    gap = by_k[2]["heldout_lpd"] - by_k[1]["heldout_lpd"]
+    assert gap > 5 * (by_k[1]["heldout_lpd_se"] + by_k[2]["heldout_lpd_se"])
+    assert by_k[2]["active"] == 2.0
+    bayes = compare_n_clusters(
+        lambda k: PIMA(_specs(), n_clusters=k, latent_dim=2, bayesian_globals=True),
+        train,
+        test,
+        [2],
+        num_samples=8,
+        epochs=5,
+        batch_size=40,
+        seed=0,
+        progress=False,
+    )
+    assert np.isfinite(bayes[0]["elpd_loo"]) and "elpd_loo" not in by_k[2]
