@@ -56,6 +56,7 @@ from pima_pyro.inference.initialization import (
     EMResult,
     mixture_from_embeddings,
     physics_mixture_em,
+    summary_features,
 )
 from pima_pyro.inference.posterior import latent_posterior
 from pima_pyro.models.experts import PhysicsExpert
@@ -242,6 +243,7 @@ def initialize_from_physics(
         n_starts=em_starts,
         seed=seed,
         prune=prune,
+        start_features=_data_summaries(net, full),
     )
     with torch.no_grad():
         for p in physics:
@@ -257,6 +259,12 @@ def initialize_from_physics(
     }
     net.init_global_guide(em.weights, full.n_total, counts)
     return em
+
+
+def _data_summaries(net: PIMAModule, full: Batch) -> np.ndarray | None:
+    """Principal-component summaries of every data modality, joined: (N, F), or ``None``."""
+    parts = [summary_features(full.values[d], full.observed[d]) for d in net.data_names]
+    return np.concatenate(parts, axis=1) if parts else None
 
 
 def warn_unmoved_parameters(
