@@ -175,10 +175,13 @@ def plot_value_ppc(
 def heldout_log_predictive(tree: xr.DataTree, var_name: str = "total") -> np.ndarray:
     r"""Per-sample log predictive density of held-out data, :math:`\log \frac1S \sum_s
     p(x_n \mid g_s)` over the S draws of the globals in an export of the held-out data: (N,)."""
+    import torch
+
+    from pima_pyro.models.mixture import log_mean_exp
+
     ll = tree["log_likelihood"][var_name].values  # (chain, draw, obs)
-    ll = ll.reshape(-1, ll.shape[-1])
-    peak = ll.max(0)
-    return peak + np.log(np.exp(ll - peak).mean(0))
+    draws = torch.as_tensor(ll.reshape(-1, ll.shape[-1]), dtype=torch.float64)
+    return log_mean_exp(draws, dim=0).numpy()
 
 
 def compare_n_clusters(
