@@ -312,3 +312,24 @@ def test_summary_starts_reach_the_better_physics_optimum_on_close_decays():
     reference = _em_from_responsibilities(truth, em_data, torch.ones(10, dtype=torch.bool))
     assert alone.log_likelihood < reference.log_likelihood - 1.0
     assert proposed.log_likelihood >= reference.log_likelihood - 0.1
+
+
+def test_collapsed_encoder_is_measured_and_reported():
+    from pima_pyro.inference.svi import encoder_information, warn_collapsed_encoders
+
+    data = _line_data()
+    model = PIMA(_specs(), n_clusters=2, latent_dim=2)
+    net = model.build(data)
+    batch = data.to_batch()
+    x = batch.values["x"][batch.observed["x"]]
+    loc, log_var = net.modalities["x"].encoder(x)
+    expected = float(loc.var(0).mean() / torch.exp(log_var).mean())
+    assert encoder_information(net, batch)["x"] == pytest.approx(expected, rel=1e-6)
+    assert "y" not in encoder_information(net, batch)  # physics informs c exactly
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_collapsed_encoders(net, batch)  # a random encoder still depends on its input
+    with torch.no_grad():  # means that ignore the input
+        net.modalities["x"].encoder.head.loc.weight.zero_()
+    with pytest.warns(UserWarning, match=r"\['x'\] ignores its input"):
+        warn_collapsed_encoders(net, batch)

@@ -142,7 +142,7 @@ def fit_data_parallel(
     batch_size: int,
     lr: float = 5e-3,
     seed: int = 0,
-    em_starts: int = 5,
+    em_starts: int = 10,
     threads_per_process: int = 1,
 ) -> History:
     """Initialise (EM) here, train on ``devices`` local CPU processes (gloo), load the result

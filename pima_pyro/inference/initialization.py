@@ -133,7 +133,7 @@ def physics_mixture_em(
     experts: Mapping[str, PhysicsExpert],
     grids: Mapping[str, torch.Tensor],
     n_clusters: int,
-    n_starts: int = 5,
+    n_starts: int = 10,
     max_iter: int = 300,
     tol: float = 1e-7,
     seed: int = 0,

@@ -220,7 +220,7 @@ def random_encode_masks(
 
 
 def initialize_from_physics(
-    net: PIMAModule, full: Batch, seed: int = 0, em_starts: int = 5, prune: bool = False
+    net: PIMAModule, full: Batch, seed: int = 0, em_starts: int = 10, prune: bool = False
 ) -> EMResult:
     """Step 1 of the recipe: EM on the physics modalities sets pi, theta and s (in place), and
     marks the clusters that EM's pruning emptied inactive (``prune``; see
@@ -265,6 +265,42 @@ def _data_summaries(net: PIMAModule, full: Batch) -> np.ndarray | None:
     """Principal-component summaries of every data modality, joined: (N, F), or ``None``."""
     parts = [summary_features(full.values[d], full.observed[d]) for d in net.data_names]
     return np.concatenate(parts, axis=1) if parts else None
+
+
+#: An encoder whose means vary across samples by less than this fraction of its own posterior
+#: variance carries no information about its input (posterior collapse).
+COLLAPSE_RATIO: float = 1e-3
+
+
+@torch.no_grad()
+def encoder_information(net: PIMAModule, full: Batch, max_rows: int = 4096) -> dict[str, float]:
+    """Per data modality, the spread of its encoder's means across observed samples relative to its
+    posterior variance: :math:`\\overline{\\operatorname{Var}_n \\mu_{nd}} /
+    \\overline{\\sigma^2_{nd}}` over the first ``max_rows`` observed samples. Near 0 the
+    encoder returns the same Gaussian for every input."""
+    out = {}
+    for name in net.data_names:  # a physics modality informs c exactly, through p(y | c)
+        rows = torch.nonzero(full.observed[name]).flatten()[:max_rows]
+        if rows.numel() < 2:
+            continue
+        loc, log_var = net.modalities[name].encoder(full.values[name][rows])
+        out[name] = float(loc.var(0).mean() / torch.exp(log_var).mean())
+    return out
+
+
+def warn_collapsed_encoders(net: PIMAModule, full: Batch) -> None:
+    """``UserWarning`` naming each modality whose encoder collapsed (:func:`encoder_information`
+    below :data:`COLLAPSE_RATIO`): queries given that modality alone return the mixture prior."""
+    collapsed = {n: r for n, r in encoder_information(net, full).items() if r < COLLAPSE_RATIO}
+    if collapsed:
+        warnings.warn(
+            f"fit: the encoder of modality(ies) {sorted(collapsed)} ignores its input "
+            f"(spread of its means / its variance = "
+            f"{ {n: float(f'{r:.2g}') for n, r in collapsed.items()} }): cluster and latent "
+            "queries given it alone carry no information. Refit with another seed, more "
+            "samples with that modality paired, or a likelihood that weighs it more",
+            stacklevel=3,
+        )
 
 
 def warn_unmoved_parameters(
@@ -394,7 +430,7 @@ def fit(
     seed: int = 0,
     num_threads: int | None = None,
     progress: bool = True,
-    em_starts: int = 5,
+    em_starts: int = 10,
     prune_clusters: bool = False,
     clip_norm: float | None = 100.0,
     callback: Callable[[int, float], None] | None = None,
@@ -689,4 +725,5 @@ def fit(
         validation.__exit__(None, None, None)
         bar.close()
     net.eval()
+    warn_collapsed_encoders(net, full)
     return history
