@@ -199,13 +199,8 @@ class DataModalityModule(nn.Module):
         return base.to_event(self.event_dim)
 
     def mean(self, z: torch.Tensor) -> torch.Tensor:
-        """:math:`E[x \\mid z]`."""
-        out = self.decoder(z)
-        if isinstance(self.spec, GaussianModality):
-            return out if self.spec.bounds is None else self.likelihood(z).base_dist.mean
-        if isinstance(self.spec, BernoulliModality) and self.spec.continuous:
-            return dist.ContinuousBernoulli(logits=out.clamp(-15.0, 15.0)).mean
-        return torch.sigmoid(out)
+        """:math:`E[x \\mid z]`, the mean of :meth:`likelihood` (one definition of each)."""
+        return self.likelihood(z).mean
 
 
 class PhysicsModalityModule(nn.Module):
