@@ -4,6 +4,10 @@ Usage::
 
     python benchmarks/speed.py [--quick] [--device cpu|cuda] [--budget SECONDS] [--mnist DIR]
 
+Also the training engine's own cost: the time per step of ``PIMA.fit`` (the Lightning loop)
+over a hand-written loop that does the same step (``lightning_over_bare``), on digits at batch
+128 and, with ``--mnist``, on the MNIST demo's networks at batch 256.
+
 Compares, on the same networks (pima-pyro's default MLPs) and the same minibatches:
 (a) our step: ``TraceEnum_ELBO`` + Adam, (b) the same with ``JitTraceEnum_ELBO``, (c) the
 reference PIMA loss (``benchmarks/reference_loss.py``) in float64 and (d) in float32, at batch
@@ -111,6 +115,52 @@ def step_times(data, batch_size, device, steps, k=10):
     f64 = make_batches(data, batch_size, steps, device, torch.float64)
     out["torch_f64"] = time_steps(reference_step(copy.deepcopy(net).double()), f64, device)
     return out
+
+
+def bare_loop_seconds_per_step(net, data, batch_size, device, epochs: int) -> float:
+    """Seconds per step of a hand-written loop doing what one step of the Lightning loop does
+    (the step draws, the JIT loss, backward, clipping, Adam), over ``epochs`` epochs after one
+    untimed epoch: the floor any training engine pays."""
+    full = data.to_batch(device=device, dtype=torch.float32)
+    loss_fn = per_sample_loss(net, full.n_total, jit=True)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    n_batches = full.n_total // batch_size
+    gen = torch.Generator(device=device)
+    times = []
+    for epoch in range(epochs + 1):
+        start = time.perf_counter()
+        perm = torch.randperm(full.n_total, device=device, generator=gen.manual_seed(epoch))
+        for b in range(n_batches):
+            gen.manual_seed(1000 * epoch + b)
+            batch = minibatch(full, perm[b * batch_size : (b + 1) * batch_size], True, gen, 4)
+            loss = loss_fn(batch)
+            net.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(list(net.parameters()), 100.0)
+            opt.step()
+        _sync(device)
+        times.append((time.perf_counter() - start) / n_batches)
+    return statistics.median(times[1:])
+
+
+def lightning_overhead(data, batch_size, device, epochs: int, **modality_kwargs) -> dict:
+    """Seconds per step of ``PIMA.fit`` (the Lightning loop; median epoch time / steps) next
+    to :func:`bare_loop_seconds_per_step` on the same networks, batch size and device."""
+    model = PIMA(affine_modalities(**modality_kwargs), n_clusters=10, latent_dim=4)
+    torch.manual_seed(0)
+    net = model._build(data)
+    bare = bare_loop_seconds_per_step(copy.deepcopy(net), data, batch_size, device, epochs)
+    model.module = copy.deepcopy(net)
+    history = model.fit(
+        data, epochs=epochs + 1, batch_size=batch_size, device=str(device), progress=False,
+        logger=False, anchor_epochs=0,
+    )  # fmt: skip
+    lightning = statistics.median(history.seconds[1:]) / (data.n_samples // batch_size)
+    return {
+        "lightning_ms_per_step": round(1e3 * lightning, 3),
+        "bare_loop_ms_per_step": round(1e3 * bare, 3),
+        "lightning_over_bare": round(lightning / bare, 3),
+    }
 
 
 def exponent(xs, ys) -> float:
@@ -245,6 +295,17 @@ def main() -> None:
                 result["svi_step_over_torch_f32_without_jit"] = round(t["svi"] / t["torch_f32"], 3)
                 result["jit_speedup"] = round(t["svi"] / t["svi_jit"], 3)
                 result["step_ms_batch128"] = {k: round(1e3 * v, 3) for k, v in t.items()}
+    overhead = lightning_overhead(digits, 128, device, epochs=10 if args.quick else 30)
+    result["lightning_loop"] = overhead
+    # the engine's step, not the bare JIT step, is what a user's fit pays
+    result["fit_step_over_torch_f32"] = round(
+        overhead["lightning_ms_per_step"] / result["step_ms_batch128"]["torch_f32"], 3
+    )
+    if args.mnist:
+        train = mnist_affine(args.mnist, "train").subset(np.arange(12_000))
+        result["lightning_loop_mnist_networks"] = lightning_overhead(
+            train, 256, device, epochs=3, image_scale=1.0
+        )
     batch_sizes = [64, 128, 256, 512, 1024]
     bs_times = []
     for bs in batch_sizes:

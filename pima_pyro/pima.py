@@ -16,7 +16,6 @@ import torch
 import xarray as xr
 
 from pima_pyro.data import MultimodalData
-from pima_pyro.inference.distributed import fit_data_parallel
 from pima_pyro.inference.export import to_arviz, to_datatree
 from pima_pyro.inference.mcmc import MCMCResult, physics_nuts
 from pima_pyro.inference.posterior import (
@@ -25,7 +24,7 @@ from pima_pyro.inference.posterior import (
     latent_posterior,
     predict_modality,
 )
-from pima_pyro.inference.svi import History, fit, resolve_device
+from pima_pyro.inference.svi import History, resolve_device
 from pima_pyro.models.modalities import BernoulliModality, Modality, PhysicsModality
 from pima_pyro.models.module import PIMAModule
 
@@ -37,23 +36,6 @@ def _package_version() -> str:
     from pima_pyro import __version__
 
     return __version__
-
-
-#: ``fit`` options that ``strategy="ddp"`` honours, with the only values it supports.
-DDP_SUPPORTED = {"objective": ("elbo",), "jit": (False, None), "progress": (True, False)}
-
-
-def _check_ddp_options(options: Mapping[str, object], device: str | torch.device) -> None:
-    """Refuse ``fit`` options that the data-parallel loop would otherwise drop silently."""
-    for key, value in options.items():
-        if key not in DDP_SUPPORTED or value not in DDP_SUPPORTED[key]:
-            raise ValueError(
-                f"fit: strategy='ddp' does not support {key}={value!r} (the data-parallel loop "
-                "has no JIT, closed-form objective, warm-up, checkpoints or callbacks); use "
-                "strategy=None for it"
-            )
-    if str(device) not in ("auto", "cpu"):
-        raise ValueError(f"fit: strategy='ddp' runs on CPU processes; device={device!r} given")
 
 
 class PIMA:
@@ -223,54 +205,30 @@ class PIMA:
         return next(self._require_fitted().parameters()).device
 
     # ---- training ----------------------------------------------------------------------------
-    def fit(
-        self,
-        data: MultimodalData,
-        epochs: int = 100,
-        batch_size: int = 128,
-        lr: float = 5e-3,
-        device: str | torch.device = "auto",
-        seed: int = 0,
-        strategy: str | None = None,
-        devices: int = 1,
-        **kwargs: object,
-    ) -> History:
-        """Fit by SVI with ``TraceEnum_ELBO``; see :func:`pima_pyro.inference.svi.fit`.
+    def fit(self, data: MultimodalData, **options: object) -> History:
+        """Fit by SVI with ``TraceEnum_ELBO`` on Lightning; returns (and keeps) the history.
 
-        ``strategy="ddp"`` trains data-parallel on ``devices`` local processes with
-        ``batch_size`` samples each (:mod:`pima_pyro.inference.distributed`; CPU, gloo).
+        The options (``epochs``, ``batch_size``, ``lr``, ``device``, ``seed``, ``strategy``,
+        ``devices``, checkpoints, validation, ...) are the fields of
+        :class:`pima_pyro.inference.training.FitOptions`; every one is checked before the model
+        is built. ``strategy="ddp"`` trains data-parallel on ``devices`` processes with
+        ``batch_size`` samples each (Lightning's DDP: gloo on CPU, nccl on CUDA).
         """
+        from pima_pyro.inference.training import FitOptions, fit  # Lightning: imported on use
+
         if not isinstance(data, MultimodalData):
             raise TypeError(f"fit: expected MultimodalData, got {type(data).__name__}")
-        if not (isinstance(lr, int | float) and lr > 0):
-            raise ValueError(f"fit: lr must be a positive number, got {lr!r}")
+        seed = FitOptions.from_keywords(dict(options)).seed
         if self.n_clusters > data.n_samples:
             raise ValueError(
                 f"PIMA: n_clusters={self.n_clusters} exceeds the {data.n_samples} samples"
             )
-        torch.manual_seed(seed)  # network initialisation
+        torch.manual_seed(int(seed))  # network initialisation
         if self.module is None:
             self.module = self._build(data)
         else:
             self._check_data(data)
-        if strategy == "ddp":
-            _check_ddp_options(kwargs, device)
-            self.history = fit_data_parallel(
-                self.module, data, devices, epochs, batch_size, lr, seed
-            )
-            return self.history
-        if strategy is not None:
-            raise ValueError(f"fit: strategy must be None or 'ddp', got {strategy!r}")
-        self.history = fit(
-            self.module,
-            data,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            device=device,
-            seed=seed,
-            **kwargs,  # type: ignore[arg-type]
-        )
+        self.history = fit(self.module, data, **options)
         return self.history
 
     # ---- queries -----------------------------------------------------------------------------

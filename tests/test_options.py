@@ -21,14 +21,6 @@ JITS = (None, True, False)
 
 def refusal(objective, bayesian, strategy, jit, checkpoint) -> tuple[str, str] | None:
     """The pair of options a combination is refused for (docs/options.md), or None."""
-    if strategy == "ddp":
-        if objective == "closed_form":
-            return ("strategy='ddp'", "objective='closed_form'")
-        if jit is True:
-            return ("strategy='ddp'", "jit=True")
-        if checkpoint:
-            return ("strategy='ddp'", "checkpoint_dir")
-        return None
     if objective == "closed_form" and bayesian:
         return ("objective='closed_form'", "bayesian_globals=True")
     if objective == "closed_form" and jit is True:
@@ -79,7 +71,7 @@ def test_option_combination_trains_or_is_refused(
         key = "modalities.curve.expert.q_theta_log_sd"
         assert not torch.equal(after[key], net_before[key])
     if checkpoint:
-        assert (tmp_path / "checkpoint.pt").exists()
+        assert (tmp_path / "checkpoint.ckpt").exists()
 
 
 def test_mixture_parameters_report_the_posterior_mean_of_pi_under_bayesian_globals(small):

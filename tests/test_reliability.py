@@ -53,8 +53,9 @@ def test_kill_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path):
     ckpt, out = tmp_path / "ckpt", tmp_path / "resumed.pt"
     killed = subprocess.run([sys.executable, str(script), "kill", str(ckpt), str(out)])
     assert killed.returncode == -signal.SIGKILL
-    saved = torch.load(ckpt / "checkpoint.pt", weights_only=False)
-    assert saved["epoch"] == 2  # epochs 0 and 1 completed, epoch 2 was killed mid-way
+    saved = torch.load(ckpt / "checkpoint.ckpt", weights_only=True)
+    # epochs 0 and 1 completed, epoch 2 was killed mid-way
+    assert saved["pima"]["epochs_completed"] == 2
     resumed = subprocess.run([sys.executable, str(script), "resume", str(ckpt), str(out)])
     assert resumed.returncode == 0
     reference = _model()
@@ -67,7 +68,9 @@ def test_kill_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path):
     print(f"resume max abs diff: {max_diff:.3g}")
     assert max_diff <= 1e-6
     # the history of the resumed run covers all epochs
-    assert len(torch.load(ckpt / "checkpoint.pt", weights_only=False)["history"]["loss"]) == 5
+    final = torch.load(ckpt / "checkpoint.ckpt", weights_only=True)
+    assert final["pima"]["epochs_completed"] == 5
+    assert bool(torch.isfinite(final["state_dict"]["history_loss"]).all())
 
 
 def test_resume_refuses_different_settings(tmp_path):
@@ -94,9 +97,11 @@ def test_non_finite_elbo_names_step_and_parameter_and_never_writes_nan(tmp_path)
     assert "epoch 1, step 3" in message
     assert "modalities.image.decoder.body.0.weight" in message
     assert "x_image (model)" in message
-    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    assert saved["epoch"] == 1
-    assert all(torch.isfinite(v).all() for v in saved["module"].values())
+    saved = torch.load(tmp_path / "checkpoint.ckpt", weights_only=True)
+    assert saved["pima"]["epochs_completed"] == 1
+    assert all(
+        torch.isfinite(v).all() for k, v in saved["state_dict"].items() if k.startswith("net.")
+    )
     assert all(torch.isfinite(p).all() for p in model.module.parameters())
 
 

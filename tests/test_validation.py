@@ -199,7 +199,7 @@ CASES = [
         "non-positive learning rate",
         lambda m: PIMA(specs(), n_clusters=2).fit(good_data(), lr=-1.0),
         ValueError,
-        "fit: lr must be a positive number",
+        "fit: lr must be a finite number > 0",
     ),
     (
         "unknown modality in given",

@@ -7,7 +7,7 @@ from pima_pyro.inference.posterior import (
     latent_posterior,
     predict_modality,
 )
-from pima_pyro.inference.svi import History, fit
+from pima_pyro.inference.svi import History
 
 __all__ = [
     "History",
@@ -19,3 +19,12 @@ __all__ = [
     "physics_mixture_em",
     "predict_modality",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # Lightning takes seconds to import: only a fit needs it
+    if name == "fit":
+        from pima_pyro.inference.training import fit
+
+        return fit
+    raise AttributeError(f"module 'pima_pyro.inference' has no attribute {name!r}")

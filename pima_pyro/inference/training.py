@@ -1,0 +1,524 @@
+r"""``fit``: the start of DESIGN section 8, then the one training loop on Lightning.
+
+The schedule:
+
+1. physics first: EM on the physics modalities alone sets :math:`\pi`, :math:`\theta_{mc}`,
+   :math:`s_{mc}` (:func:`~pima_pyro.inference.svi.initialize_from_physics`);
+2. warm-up (by default only without a physics modality): ``warmup_epochs`` of the autoencoder
+   with the mixture frozen at :math:`\mathcal N(0, I)` components and the experts frozen (a
+   plain multimodal VAE);
+3. mixture start after a warm-up: :math:`\mu_c, \sigma_c` from the embeddings weighted by the
+   EM responsibilities (a GMM on the embeddings without physics);
+3b. anchor (by default the first quarter of the epochs after EM): the experts and the mixture
+   weights stay at their EM values while the encoders and the latent mixture learn to agree
+   with them; freed too early, the experts follow responsibilities that a still random latent
+   mixture distorts, and close clusters merge;
+4. everything free for the remaining epochs.
+
+Steps 2-4 are epochs of :class:`~pima_pyro.inference.training_plan.PIMATrainingPlan` run by a
+``lightning.Trainer``: on one device, or data-parallel (``strategy="ddp"``: spawned processes
+on this machine, gloo on CPU and nccl on CUDA; under ``torchrun`` or SLURM, the processes that
+launcher started).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import numbers
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import pyro
+import torch
+from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.strategies import DDPStrategy
+
+from pima_pyro.data import MultimodalData
+from pima_pyro.inference.callbacks import (
+    EpochEndCheckpoint,
+    RNGStateCallback,
+    WeightsOnlyCheckpointIO,
+)
+from pima_pyro.inference.svi import (
+    History,
+    forget_registered_parameters,
+    initialize_from_physics,
+    warn_collapsed_encoders,
+)
+from pima_pyro.inference.training_plan import LoopOptions, PIMATrainingPlan, Schedule
+from pima_pyro.models.module import PIMAModule
+
+#: Version of the checkpoint layout written by :func:`fit` (2: Lightning checkpoints).
+CHECKPOINT_FORMAT = 2
+#: The checkpoint :func:`fit` writes in ``checkpoint_dir`` and resumes from.
+CHECKPOINT_NAME = "checkpoint"
+#: Where the default ``CSVLogger`` writes when no ``log_dir`` or ``checkpoint_dir`` is given.
+DEFAULT_LOG_DIR = "pima_logs"
+#: Values of ``precision`` the loop runs in: mixed precision is refused (a log-sum-exp over
+#: clusters of float16 log-densities loses the small posteriors that the queries report).
+PRECISIONS = (None, 32, 64, "32", "64", "32-true", "64-true")
+
+
+@dataclass
+class FitOptions:
+    """Every option of :func:`fit` and :meth:`pima_pyro.PIMA.fit` (keyword arguments).
+
+    Attributes:
+        epochs: total passes over the data, warm-up included.
+        batch_size: minibatch size per process (the plate subsample; the ELBO is scaled by
+            N / B). Under ``strategy="ddp"`` a step takes ``devices * batch_size`` samples.
+        lr: Adam learning rate.
+        warmup_epochs: epochs of step 2; default 0 when EM on physics modalities started the
+            mixture, ``max(1, epochs // 10)`` otherwise; 0 skips steps 2-3.
+        anchor_epochs: epochs, after any warm-up, with the physics experts and the mixture
+            weights held at their EM values while the encoders and the latent mixture align
+            with them (step 3b); default ``epochs // 4`` after EM, else 0.
+        subset_training: encode random subsets of each sample's observed modalities (each kept
+            with probability 1/2; a sample that draws none keeps all), while the model scores
+            every observed modality: any ``q`` gives a valid lower bound, and this one teaches
+            every encoder to place its modality alone in the right cluster.
+        em_starts: EM starts of step 1 (the best is kept, then improved by split-and-merge).
+        prune_clusters: in step 1, make inactive (weight exactly 0, reported by
+            ``PIMA.mixture_parameters()["active"]``) every cluster whose removal lowers the
+            physics mixture's BIC, so that a K above the data's leaves the surplus empty. Only
+            with a physics modality; pass ``False`` when clusters share one physics law and
+            only other modalities tell them apart.
+        objective: ``"elbo"`` (Pyro's enumerated ELBO) or ``"closed_form"`` (the seed's
+            closed-form mixture terms, :mod:`pima_pyro.inference.closed_form`).
+        jit: use ``JitTraceEnum_ELBO`` (default for ``objective="elbo"``; refused with
+            ``objective="closed_form"``). Each epoch then drops its last incomplete batch to
+            keep shapes fixed (as data-parallel training always does).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``; or give ``accelerator`` and
+            ``devices`` as to ``lightning.Trainer``.
+        seed: seeds torch, numpy and Pyro; the permutations, modality subsets and latent
+            draws of epoch e, step s come from a generator seeded by (seed, e, s), so the
+            same seed, data and device give the same result on any number of processes.
+        num_threads: torch intra-op threads (``None`` leaves torch's setting).
+        callback: called as ``callback(epoch, loss)`` after every epoch.
+        checkpoint_dir: write ``checkpoint.ckpt`` (a Lightning checkpoint, atomically) there
+            every ``checkpoint_every`` epochs and at the end; the CSV logs go to its ``logs``.
+        resume: continue from ``checkpoint_dir/checkpoint.ckpt`` when it exists (read with
+            ``weights_only=True``); the result equals an uninterrupted run with the same
+            settings (checked: the settings fingerprint must match).
+        on_step: called as ``on_step(epoch, step)`` after every optimiser step (for tests and
+            instrumentation; it must not draw random numbers).
+        strategy: ``None`` (one process) or ``"ddp"`` (Lightning's data-parallel strategy;
+            ``devices`` processes per node on ``num_nodes`` nodes).
+        precision: ``"32-true"`` (default) or ``"64-true"``; mixed precision is refused.
+        validation_fraction: hold out this fraction of the samples (seeded) and log
+            ``val_loss`` (-ELBO per sample) and, with labels, ``val_accuracy`` each epoch.
+        early_stopping_patience: stop when ``val_loss`` has not improved for this many epochs.
+        logger: a Lightning logger, ``False`` for none; default a ``CSVLogger`` in ``log_dir``
+            (default ``checkpoint_dir/logs``, else ``./pima_logs``).
+        verbose: show Lightning's banner and warnings.
+
+    """
+
+    epochs: int = 100
+    batch_size: int = 128
+    lr: float = 5e-3
+    warmup_epochs: int | None = None
+    anchor_epochs: int | None = None
+    subset_training: bool = True
+    jit: bool | None = None
+    objective: str = "elbo"
+    device: str | torch.device = "auto"
+    seed: int = 0
+    num_threads: int | None = None
+    progress: bool = True
+    em_starts: int = 10
+    prune_clusters: bool = False
+    clip_norm: float | None = 100.0
+    callback: Callable[[int, float], None] | None = None
+    checkpoint_dir: str | os.PathLike[str] | None = None
+    checkpoint_every: int = 1
+    resume: bool = False
+    on_step: Callable[[int, int], None] | None = None
+    accelerator: str | None = None
+    devices: int | list[int] | str = 1
+    strategy: str | None = None
+    num_nodes: int = 1
+    precision: str | int | None = None
+    validation_fraction: float = 0.0
+    early_stopping_patience: int | None = None
+    logger: Logger | bool | None = None
+    log_dir: str | os.PathLike[str] | None = None
+    verbose: bool = False
+
+    @classmethod
+    def from_keywords(cls, options: dict[str, Any]) -> FitOptions:
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise TypeError(f"fit: unknown option(s) {unknown}; the options are {names}")
+        made = cls(**options)
+        made.check_types()
+        return made
+
+    def check_types(self) -> None:
+        """Numbers where numbers are expected (numpy scalars included), in range."""
+        for name, low in (
+            ("epochs", 1),
+            ("batch_size", 1),
+            ("checkpoint_every", 1),
+            ("em_starts", 1),
+            ("num_nodes", 1),
+            ("seed", 0),
+        ):
+            _check_int(name, getattr(self, name), low)
+        for name in ("warmup_epochs", "anchor_epochs", "num_threads", "early_stopping_patience"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 0 if "epochs" in name else 1)
+        _check_positive("lr", self.lr)
+        if self.clip_norm is not None:
+            _check_positive("clip_norm", self.clip_norm)
+        if not isinstance(self.validation_fraction, numbers.Real) or not (
+            0.0 <= float(self.validation_fraction) < 1.0
+        ):
+            raise ValueError(
+                f"fit: validation_fraction must be in [0, 1), got {self.validation_fraction!r}"
+            )  # fmt: skip
+
+    def fingerprint(self, net: PIMAModule, n_samples: int) -> dict[str, Any]:
+        """The settings a resumed run must share with the run that wrote the checkpoint."""
+        keys = (
+            "epochs",
+            "batch_size",
+            "lr",
+            "seed",
+            "objective",
+            "subset_training",
+            "prune_clusters",
+            "validation_fraction",
+            "em_starts",
+        )
+        out: dict[str, Any] = {k: asdict(self)[k] for k in keys}
+        out.update(
+            n_samples=n_samples,
+            jit=self.resolved_jit,
+            n_clusters=net.n_clusters,
+            modalities=list(net.modality_names),
+            latent_dim=net.latent_dim,
+        )
+        return out  # fmt: skip
+
+    @property
+    def resolved_jit(self) -> bool:
+        return self.objective == "elbo" if self.jit is None else bool(self.jit)
+
+
+def _check_int(name: str, value: object, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"fit: {name} must be an integer, got {value!r}")
+    if value < low:
+        raise ValueError(f"fit: {name} must be >= {low}, got {value}")
+
+
+def _check_positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"fit: {name} must be a number, got {value!r}")
+    if not (math.isfinite(float(value)) and float(value) > 0):
+        raise ValueError(f"fit: {name} must be a finite number > 0, got {value!r}")
+
+
+def check_fit_options(opts: FitOptions, bayesian: bool) -> None:
+    """Refuse every combination the loop does not run, naming both options."""
+    objective, jit, strategy = opts.objective, opts.jit, opts.strategy
+    if objective not in ("elbo", "closed_form"):
+        raise ValueError(f"fit: objective must be 'elbo' or 'closed_form', got {objective!r}")
+    if objective == "closed_form" and bayesian:
+        raise ValueError(
+            "fit: objective='closed_form' with bayesian_globals=True is not supported (the "
+            "closed form is written for point-estimate globals); use objective='elbo'"
+        )
+    if objective == "closed_form" and jit:
+        raise ValueError(
+            "fit: objective='closed_form' with jit=True is not supported (JIT applies to the "
+            "Pyro ELBO only); leave jit unset or pass jit=False"
+        )
+    if strategy not in (None, "ddp"):
+        raise ValueError(f"fit: strategy must be None or 'ddp', got {strategy!r}")
+    for name in ("callback", "on_step"):
+        if strategy == "ddp" and getattr(opts, name) is not None:
+            raise ValueError(
+                f"fit: strategy='ddp' with {name} is not supported (spawned processes "
+                "cannot call back into this one); use a Lightning logger or strategy=None"
+            )
+    if opts.precision not in PRECISIONS:
+        raise ValueError(
+            f"fit: precision={opts.precision!r} is not supported with objective={objective!r} "
+            "(the enumerated mixture needs full precision); use '32-true' or '64-true'"
+        )
+    if opts.resume and opts.checkpoint_dir is None:
+        raise ValueError("fit: resume=True needs checkpoint_dir")
+    if opts.early_stopping_patience is not None and not opts.validation_fraction:
+        raise ValueError(
+            "fit: early_stopping_patience needs validation_fraction > 0 (it stops on the "
+            "validation ELBO)"
+        )
+
+
+def hardware(
+    device: str | torch.device, accelerator: str | None, devices: int | list[int] | str
+) -> tuple[str, int | list[int] | str]:
+    """``(accelerator, devices)`` for the Trainer from ``device`` (``"auto"``, ``"cpu"``,
+    ``"cuda"``, ``"cuda:N"``) or from an explicit ``accelerator``."""
+    if accelerator is not None:
+        if str(device) not in ("auto", accelerator):
+            raise ValueError(
+                f"fit: device={str(device)!r} and accelerator={accelerator!r} disagree; "
+                "give one of them"
+            )
+        return accelerator, devices
+    device = str(device)
+    if device == "auto":
+        return ("cuda" if torch.cuda.is_available() else "cpu"), devices
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"fit: device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"fit: device={device!r} but this machine has no CUDA device; use 'cpu'")
+    if index:
+        if devices not in (1, [int(index)]):
+            raise ValueError(f"fit: device={device!r} and devices={devices!r} disagree")
+        return kind, [int(index)]
+    return kind, devices
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The pima-pyro part of a checkpoint (format, settings, schedule), read with
+    ``weights_only=True``; a clear ``ValueError`` naming the file for anything else."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, foreign or unsafe files
+        raise ValueError(f"fit: cannot read the checkpoint {path}: {exc}") from exc
+    meta = payload.get("pima") if isinstance(payload, dict) else None
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"fit: {path} is not a pima-pyro checkpoint of format {CHECKPOINT_FORMAT}")
+    return meta
+
+
+class CheckpointMetadata(pl.Callback):
+    """Writes the settings and the schedule into every checkpoint (``checkpoint["pima"]``)."""
+
+    def __init__(
+        self, fingerprint: dict[str, Any], schedule: Schedule, em_log_likelihood: float | None
+    ) -> None:
+        self.fingerprint, self.schedule = fingerprint, schedule
+        self.em_log_likelihood = em_log_likelihood
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        done = int((pl_module.history_phase >= 0).sum())
+        checkpoint["pima"] = {
+            "format": CHECKPOINT_FORMAT,
+            "fingerprint": self.fingerprint,
+            "warmup_epochs": self.schedule.warmup_epochs,
+            "anchor_epochs": self.schedule.anchor_epochs,
+            "epochs_completed": done,
+            "em_log_likelihood": self.em_log_likelihood,
+        }
+
+
+def make_schedule(
+    epochs: int, warmup_epochs: int | None, anchor_epochs: int | None, physics_started: bool
+) -> Schedule:
+    if warmup_epochs is None:
+        # With physics, EM already fixes the clusters and a warm-up only hurt here (digits toy,
+        # 200 epochs, seed 0: image-only test accuracy 0.883 with 20 warm-up epochs, 0.952
+        # without); without physics the GMM on warmed-up embeddings is the only start.
+        warmup_epochs = 0 if physics_started else max(1, epochs // 10)
+    warmup_epochs = max(0, min(warmup_epochs, epochs - 1))
+    if anchor_epochs is None:
+        # EM fixed the physics, but the latent mixture starts anywhere: while it is not yet
+        # aligned, the joint responsibilities drag the experts (digits + ExponentialDecay,
+        # seed 0: two rates merged, joint test accuracy 0.88; 50 anchored epochs: 0.98)
+        anchor_epochs = epochs // 4 if physics_started else 0
+    anchor_epochs = max(0, min(anchor_epochs, epochs - warmup_epochs - 1))
+    return Schedule(epochs, warmup_epochs, anchor_epochs)
+
+
+def split_validation(
+    data: MultimodalData, fraction: float, seed: int
+) -> tuple[MultimodalData, MultimodalData | None]:
+    """A seeded random ``fraction`` of the samples held out for validation."""
+    if not fraction:
+        return data, None
+    n_val = int(round(fraction * data.n_samples))
+    if n_val < 1 or n_val >= data.n_samples:
+        raise ValueError(
+            f"fit: validation_fraction={fraction} leaves {n_val} of {data.n_samples} samples "
+            "for validation; it must leave at least one on each side"
+        )
+    perm = np.random.default_rng(seed).permutation(data.n_samples)
+    return data.subset(np.sort(perm[n_val:])), data.subset(np.sort(perm[:n_val]))
+
+
+@contextlib.contextmanager
+def quiet_lightning(verbose: bool) -> Iterator[None]:
+    """Lightning's banner (GPU/TPU lines, model summary) only when ``verbose``."""
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        if not verbose:
+            for lg in loggers:
+                lg.setLevel(logging.WARNING)
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=".*Checkpoint directory.*exists.*")
+            warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+            warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
+            warnings.filterwarnings("ignore", message=".*when logging on epoch level in dist.*")
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.setLevel(level)
+
+
+def make_trainer(
+    opts: FitOptions,
+    schedule: Schedule,
+    hardware_choice: tuple[str, int | list[int] | str],
+    ckpt_path: Path | None,
+    metadata: CheckpointMetadata,
+    has_validation: bool,
+) -> pl.Trainer:
+    accelerator, devices = hardware_choice
+    callbacks: list[pl.Callback] = [RNGStateCallback(), metadata]
+    if ckpt_path is not None:
+        callbacks.append(EpochEndCheckpoint(ckpt_path, opts.checkpoint_every))
+    if opts.early_stopping_patience is not None:
+        callbacks.append(EarlyStopping("val_loss", patience=opts.early_stopping_patience))
+    logger = opts.logger
+    if logger is None or logger is True:
+        save_dir = opts.log_dir or (ckpt_path.parent / "logs" if ckpt_path else DEFAULT_LOG_DIR)
+        logger = CSVLogger(save_dir=save_dir, name="pima")
+    strategy: Any = "auto"
+    if opts.strategy == "ddp":
+        strategy = DDPStrategy(
+            start_method="spawn",
+            process_group_backend="nccl" if accelerator == "cuda" else "gloo",
+            find_unused_parameters=True,  # the variational globals' guide leaves some unused
+        )
+    extra = {} if opts.precision is None else {"precision": opts.precision}
+    return pl.Trainer(
+        max_epochs=schedule.epochs, accelerator=accelerator, devices=devices,
+        strategy=strategy, num_nodes=opts.num_nodes, callbacks=callbacks, logger=logger,
+        use_distributed_sampler=False, num_sanity_val_steps=0, enable_model_summary=False,
+        enable_checkpointing=ckpt_path is not None, log_every_n_steps=1,
+        enable_progress_bar=bool(opts.progress), limit_val_batches=1.0 if has_validation else 0,
+        plugins=[WeightsOnlyCheckpointIO()], **extra,
+    )  # fmt: skip
+
+
+def start_from_physics(
+    net: PIMAModule, data: MultimodalData, seed: int, em_starts: int, prune: bool
+) -> tuple[torch.Tensor | None, float | None]:
+    """Step 1 (when there is a physics modality): EM responsibilities and log-likelihood."""
+    if not net.physics_names:
+        return None, None
+    full = data.to_batch(device=net.mixture.loc.device, dtype=net.mixture.loc.dtype)
+    em = initialize_from_physics(net, full, seed=seed, em_starts=em_starts, prune=prune)
+    return em.responsibilities.cpu(), em.log_likelihood
+
+
+def reset_mixture_for_warmup(net: PIMAModule) -> None:
+    """Step 2's frozen mixture: N(0, I) components, the weights kept."""
+    with torch.no_grad():
+        net.mixture.set_parameters(
+            torch.softmax(net.mixture.logits, -1),
+            torch.zeros_like(net.mixture.loc),
+            torch.ones_like(net.mixture.loc),
+        )
+
+
+def fit(net: PIMAModule, data: MultimodalData, **options: Any) -> History:
+    """Train ``net`` on ``data`` in place; returns the :class:`History`. The options are the
+    fields of :class:`FitOptions` (an unknown one is a ``TypeError`` that lists them).
+
+    Raises:
+        NonFiniteELBOError: the loss became NaN/inf. The epoch is replayed to name the step, the
+            sites and the parameters involved; the parameters from the start of that epoch are
+            restored; no non-finite value is ever written to disk.
+    """
+    opts = FitOptions.from_keywords(options)
+    check_fit_options(opts, net.bayesian_globals)
+    choice = hardware(opts.device, opts.accelerator, opts.devices)
+    if opts.num_threads is not None:
+        torch.set_num_threads(opts.num_threads)
+    pyro.set_rng_seed(opts.seed)
+    np.random.seed(opts.seed)
+    forget_registered_parameters()
+    train, validation = split_validation(data, opts.validation_fraction, opts.seed)
+    fingerprint = opts.fingerprint(net, data.n_samples)
+    ckpt_dir = None if opts.checkpoint_dir is None else Path(opts.checkpoint_dir)
+    ckpt_path = None if ckpt_dir is None else ckpt_dir / f"{CHECKPOINT_NAME}.ckpt"
+    if ckpt_dir is not None and ckpt_dir.exists() and not ckpt_dir.is_dir():
+        raise ValueError(f"fit: checkpoint_dir={str(ckpt_dir)!r} is a file, not a directory")
+    resume_meta = None
+    if opts.resume and ckpt_path is not None and ckpt_path.exists():
+        resume_meta = read_checkpoint(ckpt_path)
+        if resume_meta["fingerprint"] != fingerprint:
+            raise ValueError(
+                f"fit: cannot resume from {ckpt_path}: it was written with settings "
+                f"{resume_meta['fingerprint']}, this call has {fingerprint}"
+            )
+    return run_loop(net, train, validation, opts, choice, fingerprint, resume_meta, ckpt_path)
+
+
+def run_loop(
+    net: PIMAModule,
+    train: MultimodalData,
+    validation: MultimodalData | None,
+    opts: FitOptions,
+    hardware_choice: tuple[str, int | list[int] | str],
+    fingerprint: dict[str, Any],
+    resume_meta: dict[str, Any] | None,
+    ckpt_path: Path | None,
+) -> History:
+    """Steps 1-4 of the schedule: the EM start (unless resuming), then the Trainer."""
+    responsibilities, em_log_likelihood = None, None
+    if resume_meta is None:
+        responsibilities, em_log_likelihood = start_from_physics(
+            net, train, opts.seed, opts.em_starts, opts.prune_clusters
+        )
+        schedule = make_schedule(
+            opts.epochs, opts.warmup_epochs, opts.anchor_epochs, responsibilities is not None
+        )
+        if schedule.warmup_epochs > 0:
+            reset_mixture_for_warmup(net)
+    else:
+        schedule = Schedule(opts.epochs, resume_meta["warmup_epochs"], resume_meta["anchor_epochs"])
+        em_log_likelihood = resume_meta.get("em_log_likelihood")
+        if net.physics_names:  # a placeholder: the checkpoint holds the EM responsibilities
+            responsibilities = torch.zeros(train.n_samples, net.n_clusters, dtype=torch.float64)
+    loop = LoopOptions(
+        opts.batch_size, opts.lr, opts.seed, opts.objective, opts.resolved_jit,
+        opts.subset_training, opts.clip_norm,
+    )  # fmt: skip
+    plan = PIMATrainingPlan(
+        net, train, schedule, loop, responsibilities, validation, opts.on_step, opts.callback
+    )
+    metadata = CheckpointMetadata(fingerprint, schedule, em_log_likelihood)
+    with quiet_lightning(opts.verbose):
+        trainer = make_trainer(
+            opts, schedule, hardware_choice, ckpt_path, metadata, validation is not None
+        )
+        resume_from = str(ckpt_path) if resume_meta is not None else None
+        trainer.fit(plan, ckpt_path=resume_from, weights_only=True)
+    history = plan.history(em_log_likelihood)
+    net.eval()
+    if history.loss:
+        warn_collapsed_encoders(net, train.to_batch(device=net.mixture.loc.device))
+    forget_registered_parameters()
+    return history
