@@ -136,6 +136,7 @@ class PIMATrainingPlan(pl.LightningModule):
         else:
             self.responsibilities = None
         self.full: Batch | None = None
+        self._trainable: dict[str, list[torch.nn.Parameter]] = {}
         self._objective: Callable[[Batch], torch.Tensor] | None = None
 
     # ---- data --------------------------------------------------------------------------------
@@ -167,9 +168,11 @@ class PIMATrainingPlan(pl.LightningModule):
         gen = torch.Generator(device=self.device)
         gen.manual_seed(epoch_seed(self.options.seed, epoch, step))
         batch = minibatch(self.full, idx, self.options.subset_training, gen, self.net.latent_dim)
-        share = idx.shape[0] // self.world_size
-        rank = self.global_rank if self._trainer is not None else 0
-        return batch.take(slice(rank * share, (rank + 1) * share))
+        world = self.world_size
+        if world == 1:
+            return batch
+        share = idx.shape[0] // world
+        return batch.take(slice(self.global_rank * share, (self.global_rank + 1) * share))
 
     def train_dataloader(self) -> StepNumbers:
         return StepNumbers(self)
@@ -183,8 +186,11 @@ class PIMATrainingPlan(pl.LightningModule):
         return [torch.optim.Adam(self.trainable(phase), lr=self.options.lr) for phase in PHASES]
 
     def trainable(self, phase: str) -> list[torch.nn.Parameter]:
-        frozen = self.frozen[phase]
-        return [p for name, p in self.net.named_parameters() if not name.startswith(frozen)]
+        if phase not in self._trainable:  # listed once: a step must not walk the module tree
+            frozen = self.frozen[phase]
+            named = self.net.named_parameters()
+            self._trainable[phase] = [p for name, p in named if not name.startswith(frozen)]
+        return self._trainable[phase]
 
     def on_fit_start(self) -> None:
         dtype = self.net.mixture.loc.dtype
