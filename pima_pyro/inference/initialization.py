@@ -187,16 +187,10 @@ def physics_mixture_em(
     feats = _start_features(data)
     rows = np.flatnonzero(any_observed.cpu().numpy())  # samples without a curve start uniform
     rng = np.random.default_rng(seed)
-    _, _, vt = np.linalg.svd(feats[rows], full_matrices=False)
-    ranks = np.argsort(np.argsort(feats[rows] @ vt[0]))
-    starts = [np.minimum(ranks * n_clusters // rows.size, n_clusters - 1)]
-    starts += [_kmeans_plus_plus(feats[rows], n_clusters, rng) for _ in range(n_starts - 1)]
+    starts = _start_partitions(feats[rows], n_clusters, n_starts, rng)
     if start_features is not None:  # proposals only: the physics likelihood picks the start
         joint = np.concatenate([feats, start_features], axis=1)[rows]
-        _, _, vt = np.linalg.svd(joint, full_matrices=False)
-        ranks = np.argsort(np.argsort(joint @ vt[0]))
-        starts.append(np.minimum(ranks * n_clusters // rows.size, n_clusters - 1))
-        starts += [_kmeans_plus_plus(joint, n_clusters, rng) for _ in range(n_starts - 1)]
+        starts += _start_partitions(joint, n_clusters, n_starts, rng)
     all_active = torch.ones(n_clusters, dtype=torch.bool, device=device)
     best: EMResult | None = None
     for assign in starts:
@@ -213,6 +207,17 @@ def physics_mixture_em(
     if prune and n_clusters > 1:
         best = prune_clusters(best, data)
     return best
+
+
+def _start_partitions(
+    features: np.ndarray, n_clusters: int, n_starts: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """``n_starts`` hard partitions of the rows of ``features``: quantiles of the first
+    principal direction, then k-means++ draws."""
+    _, _, vt = np.linalg.svd(features, full_matrices=False)
+    ranks = np.argsort(np.argsort(features @ vt[0]))
+    starts = [np.minimum(ranks * n_clusters // features.shape[0], n_clusters - 1)]
+    return starts + [_kmeans_plus_plus(features, n_clusters, rng) for _ in range(n_starts - 1)]
 
 
 def _em_from_responsibilities(

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -147,33 +147,13 @@ def physics_nuts(
     """
     names = list(curves)
     _check_nuts_arguments(net, names, num_samples, warmup_steps, num_chains, init_scale)
-    order_by = order_by or (names[0], 0)
-    if (
-        order_by[0] not in names
-        or not 0 <= order_by[1] < net.modalities[order_by[0]].expert.num_params
-    ):
-        raise ValueError(f"order_by: {order_by!r} names no (physics modality, parameter index)")
+    order_by = _checked_order_by(net, names, order_by)
     masks = masks or {n: torch.ones(len(curves[n]), dtype=torch.bool) for n in names}
     net64 = copy.deepcopy(net).double().cpu()
     batch = physics_batch(curves, masks)
     evidence = None if cluster_log_evidence is None else cluster_log_evidence.double().cpu()
-    model = (
-        physics_model
-        if not condition
-        else pyro.poutine.condition(
-            physics_model,
-            data={k: torch.as_tensor(v, dtype=torch.float64) for k, v in condition.items()},
-        )
-    )
+    model, sites = _conditioned_model(net64, condition)
     pyro.set_rng_seed(seed)
-    sites = {site for site, _ in net64.global_prior_sites()}
-    unknown = set(condition or {}) - sites
-    if unknown:
-        raise ValueError(
-            f"physics_nuts: condition names {sorted(unknown)}, not global sites of the model "
-            f"({sorted(sites)})"
-        )
-    sites -= set(condition or {})
     transforms = standardising_transforms(net64, batch, sites)
     _, potential_fn, transforms, _ = initialize_model(
         model,
@@ -183,11 +163,7 @@ def physics_nuts(
         jit_compile=jit,
         skip_jit_warnings=True,
     )
-    generator = torch.Generator().manual_seed(seed)
-    starts = [dispersed_start(net64, transforms, init_scale, generator) for _ in range(num_chains)]
-    initial = {k: torch.stack([s[k] for s in starts]) for k in starts[0]}
-    if num_chains == 1:
-        initial = {k: v[0] for k, v in initial.items()}
+    initial = _chain_starts(net64, transforms, init_scale, num_chains, seed)
     counter = _CountingPotential(potential_fn)
     recorder = _StatsRecorder(counter)
     kernel = NUTS(potential_fn=counter, adapt_mass_matrix=adapt_mass_matrix, target_accept_prob=0.8)
@@ -220,6 +196,45 @@ def physics_nuts(
     )
     result.log_likelihood = _log_likelihood(net64, batch, samples, names)
     return result
+
+
+def _checked_order_by(
+    net: PIMAModule, names: list[str], order_by: tuple[str, int] | None
+) -> tuple[str, int]:
+    order_by = order_by or (names[0], 0)
+    if (
+        order_by[0] not in names
+        or not 0 <= order_by[1] < net.modalities[order_by[0]].expert.num_params
+    ):
+        raise ValueError(f"order_by: {order_by!r} names no (physics modality, parameter index)")
+    return order_by
+
+
+def _conditioned_model(
+    net64: PIMAModule, condition: Mapping[str, torch.Tensor] | None
+) -> tuple[Callable[..., None], set[str]]:
+    """:func:`physics_model` with the ``condition`` sites fixed, and the sites left to sample."""
+    sites = {site for site, _ in net64.global_prior_sites()}
+    unknown = set(condition or {}) - sites
+    if unknown:
+        raise ValueError(
+            f"physics_nuts: condition names {sorted(unknown)}, not global sites of the model "
+            f"({sorted(sites)})"
+        )
+    if not condition:
+        return physics_model, sites
+    data = {k: torch.as_tensor(v, dtype=torch.float64) for k, v in condition.items()}
+    return pyro.poutine.condition(physics_model, data=data), sites - set(condition)
+
+
+def _chain_starts(
+    net64: PIMAModule, transforms: dict, init_scale: float, num_chains: int, seed: int
+) -> dict[str, torch.Tensor]:
+    """One dispersed start per chain, stacked (unstacked for a single chain)."""
+    generator = torch.Generator().manual_seed(seed)
+    starts = [dispersed_start(net64, transforms, init_scale, generator) for _ in range(num_chains)]
+    initial = {k: torch.stack([s[k] for s in starts]) for k in starts[0]}
+    return {k: v[0] for k, v in initial.items()} if num_chains == 1 else initial
 
 
 def _check_nuts_arguments(net, names, num_samples, warmup_steps, num_chains, init_scale) -> None:

@@ -262,11 +262,9 @@ class PIMATrainingPlan(pl.LightningModule):
         self.history_loss[epoch] = value
         self.history_phase[epoch] = PHASES.index(phase)
         self.history_seconds[epoch] = seconds
-        self.log_dict(
-            {"train_loss": value, "phase": float(PHASES.index(phase)), "epoch_seconds": seconds},
-            prog_bar=False,
-            sync_dist=False,  # already reduced
-        )
+        # already reduced over processes: no sync_dist; the bar shows loss and phase
+        self.log_dict({"train_loss": value, "epoch_seconds": seconds}, prog_bar=False)
+        self.log("phase", float(PHASES.index(phase)), prog_bar=True)
         self.log("loss", value, prog_bar=True, logger=False)
         if self.on_epoch is not None:
             self.on_epoch(epoch, value)
