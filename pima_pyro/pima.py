@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,6 +14,7 @@ import torch
 import xarray as xr
 
 from pima_pyro.data import MultimodalData
+from pima_pyro.files import PIMAFileError, read_file, spec_from_data, spec_to_data, write_file
 from pima_pyro.inference.export import to_arviz, to_datatree
 from pima_pyro.inference.mcmc import MCMCResult, physics_nuts
 from pima_pyro.inference.posterior import (
@@ -25,11 +24,9 @@ from pima_pyro.inference.posterior import (
     predict_modality,
 )
 from pima_pyro.inference.svi import History, resolve_device
+from pima_pyro.models.experts import PhysicsExpert
 from pima_pyro.models.modalities import BernoulliModality, Modality, PhysicsModality
 from pima_pyro.models.module import PIMAModule
-
-#: Version of the file layout written by :meth:`PIMA.save`.
-SAVE_FORMAT = 1
 
 
 def _package_version() -> str:
@@ -424,51 +421,63 @@ class PIMA:
 
     # ---- persistence -------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write specs, weights, history and the versions that wrote them (atomic rename)."""
+        """Write the specs (as data), weights, history and versions to ``path`` atomically, with
+        a SHA-256 digest (:mod:`pima_pyro.files`). A ``Custom`` expert must use a module-level
+        function (it is stored by import path); otherwise a ``ValueError`` says so and nothing
+        is written."""
         net = self._require_fitted()
-        payload = {
-            "format": SAVE_FORMAT,
+        header = {
             "versions": {
                 "pima_pyro": _package_version(),
                 "torch": str(torch.__version__),
                 "pyro": pyro.__version__,
             },
-            "specs": self.specs,
+            "specs": {name: spec_to_data(name, spec) for name, spec in self.specs.items()},
             "n_clusters": self.n_clusters,
             "latent_dim": self.latent_dim,
             "prior_expert": self.prior_expert,
             "bayesian_globals": self.bayesian_globals,
-            "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
             "history": None if self.history is None else self.history.as_dict(),
         }
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        os.close(fd)
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        write_file(path, header, net.state_dict())
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> PIMA:
-        """Load a model written by :meth:`save`. The file is a pickle: load trusted files only."""
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-        if not isinstance(payload, dict) or payload.get("format") != SAVE_FORMAT:
-            raise ValueError(
-                f"PIMA.load: {path} is not a pima-pyro model file of format {SAVE_FORMAT}"
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        map_location: str | torch.device = "cpu",
+        experts: Mapping[str, PhysicsExpert] | None = None,
+    ) -> PIMA:
+        """Load a model written by :meth:`save`. The file is read with ``weights_only=True``
+        (it cannot run code) and its digest checked; any unreadable, corrupted, foreign or
+        newer file raises :class:`~pima_pyro.files.PIMAFileError` naming it. ``experts``
+        re-supplies physics experts by modality name (a ``Custom`` whose function this process
+        has not imported)."""
+        device = resolve_device(map_location)
+        header, state = read_file(path)
+        try:
+            written_by = str(header["versions"]["pima_pyro"])
+            newer = int(written_by.split(".")[0]) > int(_package_version().split(".")[0])
+            specs = {
+                name: spec_from_data(name, data, experts or {})
+                for name, data in header["specs"].items()
+            }
+            model = cls(
+                specs,
+                header["n_clusters"],
+                header["latent_dim"],
+                header["prior_expert"],
+                bayesian_globals=header["bayesian_globals"],
             )
-        written_by = str(payload.get("versions", {}).get("pima_pyro", "0"))
-        if int(written_by.split(".")[0]) > int(_package_version().split(".")[0]):
-            raise ValueError(
+        except PIMAFileError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise PIMAFileError(f"{path}: the header does not describe a model ({exc})") from exc
+        if newer:
+            raise PIMAFileError(
                 f"PIMA.load: {path} was written by pima-pyro {written_by}, newer than this "
                 f"{_package_version()}; upgrade pima-pyro to read it"
             )
-        model = cls(
-            payload["specs"],
-            payload["n_clusters"],
-            payload["latent_dim"],
-            payload["prior_expert"],
-            bayesian_globals=payload.get("bayesian_globals", False),
-        )
         model.module = PIMAModule(
             model.specs,
             model.n_clusters,
@@ -476,17 +485,11 @@ class PIMA:
             model.prior_expert,
             bayesian_globals=model.bayesian_globals,
         )
-        state = dict(payload["state_dict"])
-        # files written before clusters could be inactive have no mask: every cluster is active
-        state.setdefault("mixture.active", model.module.mixture.active)
-        model.module.load_state_dict(state)
-        model.module.to(resolve_device(map_location)).eval()
-        if payload.get("history"):
-            h = payload["history"]
-            model.history = History(
-                loss=h["loss"],
-                phase=h["phase"],
-                seconds=h["seconds"],
-                em_log_likelihood=h["em_log_likelihood"],
-            )
+        try:
+            model.module.load_state_dict(state)
+        except RuntimeError as exc:
+            raise PIMAFileError(f"{path}: weights do not fit the specs ({exc})") from exc
+        model.module.to(device).eval()
+        if header.get("history"):
+            model.history = History.from_dict(header["history"])
         return model

@@ -60,7 +60,7 @@ def test_kill_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path):
     assert resumed.returncode == 0
     reference = _model()
     reference.fit(_data(), **SETTINGS)
-    resumed_state = torch.load(out, weights_only=False)
+    resumed_state = torch.load(out, weights_only=True)
     max_diff = max(
         (resumed_state[k].double() - v.double()).abs().max().item()
         for k, v in reference.module.state_dict().items()
@@ -119,21 +119,27 @@ def test_same_seed_same_result_different_seed_differs():
 
 
 def test_saved_file_states_versions_and_loads_on_cpu(tmp_path):
+    import json
+
+    from pima_pyro.files import PIMAFileError, digest
+
     model = _model()
     model.fit(_data(), **{**SETTINGS, "epochs": 1})
     model.save(tmp_path / "m.pt")
-    payload = torch.load(tmp_path / "m.pt", weights_only=False)
-    assert set(payload["versions"]) == {"pima_pyro", "torch", "pyro"}
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    header = json.loads(payload["header"])
+    assert set(header["versions"]) == {"pima_pyro", "torch", "pyro"}
     loaded = PIMA.load(tmp_path / "m.pt", map_location="cpu")
     assert loaded.device.type == "cpu"
-    payload["format"] = 999
-    torch.save(payload, tmp_path / "future.pt")
-    with pytest.raises(ValueError, match="not a pima-pyro model file of format"):
+    np.testing.assert_array_equal(loaded.predict_clusters(_data()), model.predict_clusters(_data()))
+    torch.save({**payload, "format": 999}, tmp_path / "future.pt")
+    with pytest.raises(PIMAFileError, match="not a pima-pyro model file of format"):
         PIMA.load(tmp_path / "future.pt")
-    payload["format"] = 1
-    payload["versions"]["pima_pyro"] = "99.0.0"
-    torch.save(payload, tmp_path / "newer.pt")
-    with pytest.raises(ValueError, match="written by pima-pyro 99.0.0, newer than"):
+    header["versions"]["pima_pyro"] = "99.0.0"
+    text = json.dumps(header, sort_keys=True)
+    newer = {**payload, "header": text, "digest": digest(text, payload["tensors"])}
+    torch.save(newer, tmp_path / "newer.pt")
+    with pytest.raises(PIMAFileError, match="written by pima-pyro 99.0.0, newer than"):
         PIMA.load(tmp_path / "newer.pt")
     assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave no temporaries
     assert os.path.getsize(tmp_path / "m.pt") > 0

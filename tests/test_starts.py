@@ -216,20 +216,6 @@ def test_digits_physics_applies_the_law_sizes_and_hidden_fraction():
         digits_physics(law, {1: [2.0]}, grid, sizes={1: 10_000})
 
 
-def test_model_files_without_the_active_mask_still_load(tmp_path):
-    data = _line_data()
-    model = PIMA(_specs(), n_clusters=2, latent_dim=2)
-    model.fit(data, epochs=1, batch_size=40, seed=0, progress=False)
-    path = tmp_path / "m.pt"
-    model.save(path)
-    payload = torch.load(path, weights_only=False)
-    del payload["state_dict"]["mixture.active"]
-    torch.save(payload, path)
-    loaded = PIMA.load(path)
-    assert bool(loaded.module.mixture.active.all())
-    np.testing.assert_allclose(loaded.cluster_posterior(data), model.cluster_posterior(data))
-
-
 def test_compare_n_clusters_prefers_the_true_k_on_held_out_data():
     from pima_pyro.criticism import compare_n_clusters
 

@@ -267,5 +267,5 @@ def test_table_is_large_enough():
 
 def test_load_refuses_wrong_file(tmp_path):
     torch.save([1, 2, 3], tmp_path / "x.pt")
-    with pytest.raises(ValueError, match="is not a pima-pyro model file"):
+    with pytest.raises(ValueError, match="not a pima-pyro model file"):
         PIMA.load(tmp_path / "x.pt")

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -75,6 +78,15 @@ class RNGStateCallback(pl.Callback):
             self.pending = None
 
 
+def previous_checkpoint(path: str | os.PathLike[str]) -> Path:
+    """Where the checkpoint before ``path`` is kept: ``checkpoint.prev.ckpt`` beside it."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+CONNECTOR_LOGGER = "lightning.pytorch.trainer.connectors.checkpoint_connector"
+
+
 class EpochEndCheckpoint(Checkpoint):
     """Writes one Lightning checkpoint, ``path``, every ``every_n_epochs`` epochs and after the
     last one (atomically: Lightning writes a temporary file, then renames it). As a
@@ -84,16 +96,39 @@ class EpochEndCheckpoint(Checkpoint):
     def __init__(self, path: str | os.PathLike[str], every_n_epochs: int = 1) -> None:
         self.path, self.every_n_epochs = str(path), every_n_epochs
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # in every process (spawned ones too): Lightning's note that a full checkpoint
+        # (optimisers included) is written is not news
+        logging.getLogger(CONNECTOR_LOGGER).setLevel(logging.WARNING)
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         done = trainer.current_epoch + 1
         last = done == trainer.max_epochs or trainer.should_stop
         if done % self.every_n_epochs == 0 or last:
-            trainer.save_checkpoint(self.path, weights_only=False)
+            if trainer.is_global_zero and os.path.exists(self.path):  # keep the last good one
+                os.replace(self.path, previous_checkpoint(self.path))
+            trainer.save_checkpoint(self.path)  # the full checkpoint: optimisers, loops, RNG
 
 
 class WeightsOnlyCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint I/O with every load ``weights_only=True`` (tensors and plain
-    data only: a file cannot run code), also for the weights spawned processes hand back."""
+    data only: a file cannot run code), also for the weights spawned processes hand back; and
+    saves written to ``<name>.<random>.tmp`` in the target folder, then renamed (a kill during
+    a write leaves the old file and a temporary that the next fit removes)."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | os.PathLike[str], storage_options: Any = None
+    ) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save(checkpoint, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
     def load_checkpoint(
         self,

@@ -118,10 +118,20 @@ def forget_registered_parameters(prefix: str = "pima") -> None:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` is CUDA when available, else CPU."""
+    """``"auto"`` is CUDA when available, else CPU; a device this machine lacks is a
+    ``ValueError`` that lists the devices it has."""
     if isinstance(device, str) and device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device: {device!r} is not a torch device ({exc})") from exc
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (resolved.index or 0) >= count:
+            have = ["cpu"] + [f"cuda:{i}" for i in range(count)]
+            raise ValueError(f"device: {device!r} is not available on this machine; it has {have}")
+    return resolved
 
 
 def random_encode_masks(

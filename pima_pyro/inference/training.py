@@ -43,10 +43,12 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.strategies import DDPStrategy
 
 from pima_pyro.data import MultimodalData
+from pima_pyro.files import PIMAFileError, digest, tree_digest
 from pima_pyro.inference.callbacks import (
     EpochEndCheckpoint,
     RNGStateCallback,
     WeightsOnlyCheckpointIO,
+    previous_checkpoint,
 )
 from pima_pyro.inference.svi import (
     History,
@@ -230,6 +232,14 @@ def _check_positive(name: str, value: object) -> None:
         raise ValueError(f"fit: {name} must be a finite number > 0, got {value!r}")
 
 
+def data_digest(data: MultimodalData) -> str:
+    """SHA-256 of the values, masks and grids a fit trains on (a resumed fit must match)."""
+    tensors = {f"values/{k}": v for k, v in data.values.items()}
+    tensors |= {f"masks/{k}": m for k, m in data.masks.items()}
+    tensors |= {f"grids/{k}": g for k, g in data.grids.items()}
+    return digest("", tensors)
+
+
 def check_fit_options(opts: FitOptions, bayesian: bool) -> None:
     """Refuse every combination the loop does not run, naming both options."""
     objective, jit, strategy = opts.objective, opts.jit, opts.strategy
@@ -296,15 +306,50 @@ def hardware(
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """The pima-pyro part of a checkpoint (format, settings, schedule), read with
-    ``weights_only=True``; a clear ``ValueError`` naming the file for anything else."""
+    ``weights_only=True`` (a file cannot run code) and its weights' SHA-256 digest checked;
+    :class:`~pima_pyro.files.PIMAFileError` naming the file for anything else."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated, foreign or unsafe files
-        raise ValueError(f"fit: cannot read the checkpoint {path}: {exc}") from exc
+    except Exception as exc:  # truncated, empty, foreign, or a pickle carrying code
+        raise PIMAFileError(f"fit: cannot read the checkpoint {path}: {exc}") from exc
     meta = payload.get("pima") if isinstance(payload, dict) else None
     if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"fit: {path} is not a pima-pyro checkpoint of format {CHECKPOINT_FORMAT}")
+        raise PIMAFileError(
+            f"fit: {path} is not a pima-pyro checkpoint of format {CHECKPOINT_FORMAT}"
+        )
+    if tree_digest({k: v for k, v in payload.items() if k != "pima"}) != meta.get("digest"):
+        raise PIMAFileError(f"fit: the checkpoint {path} is corrupted (its digest differs)")
     return meta
+
+
+def resume_point(path: Path, fingerprint: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint to resume from: ``path``, or the previous one (with a warning) when
+    ``path`` fails its checks; a ``ValueError`` naming every setting that differs."""
+    previous = previous_checkpoint(path)
+    try:
+        meta = read_checkpoint(path)
+    except PIMAFileError as exc:
+        if not previous.exists():
+            raise
+        warnings.warn(f"{exc}; resuming from the previous checkpoint {previous}", stacklevel=3)
+        path, meta = previous, read_checkpoint(previous)
+    written = meta["fingerprint"]
+    differ = sorted(
+        k for k in set(written) | set(fingerprint) if written.get(k) != fingerprint.get(k)
+    )
+    if differ:
+        detail = {k: (written.get(k), fingerprint.get(k)) for k in differ}
+        raise ValueError(
+            f"fit: cannot resume from {path}: it was written with other settings or data "
+            f"(name: (checkpoint, this call)): {detail}"
+        )
+    return path, meta
+
+
+def remove_stale_temporaries(directory: Path) -> None:
+    """Temporary files a killed write left behind (``checkpoint.ckpt.*.tmp``)."""
+    for stale in directory.glob(f"{CHECKPOINT_NAME}.ckpt.*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 class CheckpointMetadata(pl.Callback):
@@ -321,6 +366,8 @@ class CheckpointMetadata(pl.Callback):
     ) -> None:
         done = int((pl_module.history_phase >= 0).sum())
         checkpoint["pima"] = {
+            # everything Lightning wrote before this hook: weights, optimisers, loops, RNG
+            "digest": tree_digest({k: v for k, v in checkpoint.items() if k != "pima"}),
             "format": CHECKPOINT_FORMAT,
             "fingerprint": self.fingerprint,
             "warmup_epochs": self.schedule.warmup_epochs,
@@ -461,19 +508,19 @@ def fit(net: PIMAModule, data: MultimodalData, **options: Any) -> History:
     forget_registered_parameters()
     train, validation = split_validation(data, opts.validation_fraction, opts.seed)
     fingerprint = opts.fingerprint(net, data.n_samples)
+    fingerprint["data_digest"] = data_digest(data)
     ckpt_dir = None if opts.checkpoint_dir is None else Path(opts.checkpoint_dir)
     ckpt_path = None if ckpt_dir is None else ckpt_dir / f"{CHECKPOINT_NAME}.ckpt"
     if ckpt_dir is not None and ckpt_dir.exists() and not ckpt_dir.is_dir():
         raise ValueError(f"fit: checkpoint_dir={str(ckpt_dir)!r} is a file, not a directory")
-    resume_meta = None
+    resume_meta, resume_from = None, None
+    if ckpt_dir is not None and ckpt_dir.is_dir():
+        remove_stale_temporaries(ckpt_dir)
     if opts.resume and ckpt_path is not None and ckpt_path.exists():
-        resume_meta = read_checkpoint(ckpt_path)
-        if resume_meta["fingerprint"] != fingerprint:
-            raise ValueError(
-                f"fit: cannot resume from {ckpt_path}: it was written with settings "
-                f"{resume_meta['fingerprint']}, this call has {fingerprint}"
-            )
-    return run_loop(net, train, validation, opts, choice, fingerprint, resume_meta, ckpt_path)
+        resume_from, resume_meta = resume_point(ckpt_path, fingerprint)
+    return run_loop(
+        net, train, validation, opts, choice, fingerprint, resume_meta, ckpt_path, resume_from
+    )
 
 
 def run_loop(
@@ -485,6 +532,7 @@ def run_loop(
     fingerprint: dict[str, Any],
     resume_meta: dict[str, Any] | None,
     ckpt_path: Path | None,
+    resume_from: Path | None = None,
 ) -> History:
     """Steps 1-4 of the schedule: the EM start (unless resuming), then the Trainer."""
     responsibilities, em_log_likelihood = None, None
@@ -514,8 +562,8 @@ def run_loop(
         trainer = make_trainer(
             opts, schedule, hardware_choice, ckpt_path, metadata, validation is not None
         )
-        resume_from = str(ckpt_path) if resume_meta is not None else None
-        trainer.fit(plan, ckpt_path=resume_from, weights_only=True)
+        start = None if resume_from is None else str(resume_from)
+        trainer.fit(plan, ckpt_path=start, weights_only=True)
     history = plan.history(em_log_likelihood)
     net.eval()
     if history.loss:
