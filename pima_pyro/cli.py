@@ -135,6 +135,24 @@ def _demo(args: argparse.Namespace) -> dict[str, object]:
     return metrics
 
 
+def check_demo_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """argparse-style errors (exit status 2, no traceback) for arguments out of range."""
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
+    if args.epochs is not None and args.epochs < 1:
+        parser.error(f"--epochs must be >= 1, got {args.epochs}")
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.noise_std < 0:
+        parser.error(f"--noise-std must be >= 0, got {args.noise_std}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out!r} is a file; give a folder")
+    if args.dataset == "digits" and args.data_root is not None:
+        parser.error("--data-root applies to --dataset mnist only (digits ship with scikit-learn)")
+    if args.dataset == "mnist" and args.data_root is None:
+        parser.error("--dataset mnist needs --data-root DIR (the IDX files)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pima-pyro", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -155,7 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.command == "demo":
-        metrics = _demo(args)
+        check_demo_arguments(parser, args)
+        try:
+            metrics = _demo(args)
+        except (ValueError, TypeError, FileNotFoundError) as exc:  # a user's mistake: no trace
+            parser.exit(2, f"pima-pyro: error: {exc}\n")
         np.set_printoptions(precision=3)
         sys.stdout.flush()
         print(json.dumps(metrics))

@@ -181,6 +181,8 @@ class MultimodalData:
             lab = _as_array("labels", "labels", labels)
             if lab.shape != (n_samples,):
                 raise ValueError(f"labels: expected shape ({n_samples},), got {lab.shape}")
+            if lab.dtype == bool or not np.all(np.isfinite(lab)) or np.any(lab != np.round(lab)):
+                raise ValueError("labels: expected integer class labels (no NaN, no fractions)")
             self.labels: torch.Tensor | None = torch.from_numpy(lab.astype(np.int64))
         else:
             self.labels = None
@@ -213,8 +215,26 @@ class MultimodalData:
 
     # ---- subsets -----------------------------------------------------------------------------
     def subset(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> MultimodalData:
-        """The samples at ``indices`` (a new object sharing no storage)."""
-        idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+        """The samples at ``indices`` (integer positions, or a boolean mask of length N) as a
+        new object sharing no storage."""
+        if isinstance(indices, torch.Tensor):
+            indices = indices.detach().cpu().numpy()
+        array = np.asarray(indices)
+        if array.dtype == bool:
+            if array.shape != (self.n_samples,):
+                raise ValueError(
+                    f"subset: a boolean mask needs shape ({self.n_samples},), got {array.shape}"
+                )
+            array = np.flatnonzero(array)
+        elif array.size and not np.issubdtype(array.dtype, np.integer):
+            raise TypeError(
+                f"subset: indices must be integers or a boolean mask, got {array.dtype}"
+            )
+        if array.size and (array.min() < -self.n_samples or array.max() >= self.n_samples):
+            raise ValueError(
+                f"subset: indices must lie in [0, {self.n_samples}), got {array.max()}"
+            )
+        idx = torch.as_tensor(array.reshape(-1), dtype=torch.long)
         out = object.__new__(MultimodalData)
         out.values = {n: v[idx].clone() for n, v in self.values.items()}
         out.masks = {n: m[idx].clone() for n, m in self.masks.items()}

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import copy
+import numbers
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -33,6 +35,27 @@ def _package_version() -> str:
     from pima_pyro import __version__
 
     return __version__
+
+
+def check_expert_output(
+    name: str, expert: PhysicsExpert, curves: object, expected: tuple[int, int]
+) -> None:
+    """The expert's curves at its start, checked once before training: a tensor of
+    ``expected`` shape (clusters, grid points), finite."""
+    label = f"modality '{name}': expert {type(expert).__name__}"
+    if not isinstance(curves, torch.Tensor):
+        raise TypeError(f"{label} must return a torch.Tensor, got {type(curves).__name__}")
+    if tuple(curves.shape) != expected:
+        raise ValueError(
+            f"{label} returns curves of shape {tuple(curves.shape)}; expected {expected} "
+            "(clusters, grid points)"
+        )
+    if not curves.is_floating_point() or not bool(torch.isfinite(curves).all()):
+        raise ValueError(
+            f"{label} returns non-finite or non-float values at its start theta "
+            f"{expert.theta[0].tolist()}; give a start where the law is defined "
+            "(Custom(init=...)) or a prior whose support excludes the bad region"
+        )
 
 
 class PIMA:
@@ -66,10 +89,12 @@ class PIMA:
                     f"BernoulliModality, PhysicsModality), got {type(spec).__name__}"
                 )
             spec.validate(name)
-        if not isinstance(n_clusters, int) or n_clusters < 1:
-            raise ValueError(f"PIMA: n_clusters must be an integer >= 1, got {n_clusters!r}")
-        if not isinstance(latent_dim, int) or latent_dim < 1:
-            raise ValueError(f"PIMA: latent_dim must be an integer >= 1, got {latent_dim!r}")
+        for arg, value in (("n_clusters", n_clusters), ("latent_dim", latent_dim)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"PIMA: {arg} must be an integer, got {value!r}")
+            if value < 1:
+                raise ValueError(f"PIMA: {arg} must be an integer >= 1, got {value!r}")
+        n_clusters, latent_dim = int(n_clusters), int(latent_dim)
         self.specs: dict[str, Modality] = {n: copy.deepcopy(s) for n, s in modalities.items()}
         self.n_clusters = n_clusters
         self.latent_dim = latent_dim
@@ -160,12 +185,7 @@ class PIMA:
                     f"modality '{name}': expert {type(expert).__name__} failed on the grid of "
                     f"{physics.grid.shape[0]} points: {exc}"
                 ) from exc
-            expected = (self.n_clusters, physics.grid.shape[0])
-            if tuple(curves.shape) != expected:
-                raise ValueError(
-                    f"modality '{name}': expert {type(expert).__name__} returns curves of shape "
-                    f"{tuple(curves.shape)}; expected {expected} (clusters, grid points)"
-                )
+            check_expert_output(name, expert, curves, (self.n_clusters, physics.grid.shape[0]))
         return module
 
     def build(self, data: MultimodalData) -> PIMAModule:
@@ -181,10 +201,17 @@ class PIMA:
 
     def _resolve_given(self, data: MultimodalData, given: Sequence[str] | None) -> list[str]:
         if given is None:
-            return [n for n in self.specs if n in data.values]
+            given = [n for n in self.specs if n in data.values]
+            if not given:
+                raise ValueError(
+                    f"data: none of its modalities {list(data.values)} is one of the model's "
+                    f"{list(self.specs)}"
+                )
         if isinstance(given, str):
             given = [given]
         given = list(given)
+        if len(set(given)) != len(given):
+            raise ValueError(f"given: each modality at most once, got {given}")
         for name in given:
             if name not in self.specs:
                 raise ValueError(
@@ -225,6 +252,13 @@ class PIMA:
             self.module = self._build(data)
         else:
             self._check_data(data)
+        unknown = [n for n in data.values if n not in self.specs]
+        if unknown:
+            warnings.warn(
+                f"fit: modality(ies) {unknown} of the data are not in the model "
+                f"({list(self.specs)}) and are ignored",
+                stacklevel=2,
+            )
         self.history = fit(self.module, data, **options)
         return self.history
 

@@ -245,6 +245,127 @@ CASES = [
         ValueError,
         r"modality 'image': feature shape \(4, 4\) expected",
     ),
+    # ---- issue 10: inputs that used to be accepted silently or fail deep inside torch ----
+    (
+        "a modality given twice",
+        lambda m: m.cluster_posterior(good_data(), given=["curve", "curve"]),
+        ValueError,
+        "given: each modality at most once",
+    ),
+    (
+        "other grid with given=None",
+        lambda m: m.cluster_posterior(good_data(grids={"curve": GRID * 2})),
+        ValueError,
+        "modality 'curve': grid differs",
+    ),
+    (
+        "data with none of the model's modalities",
+        lambda m: m.get_latent_representation(MultimodalData({"xrd": CURVES})),
+        ValueError,
+        "none of its modalities",
+    ),
+    (
+        "boolean mask of the wrong length",
+        lambda m: good_data().subset(np.ones(5, dtype=bool)),
+        ValueError,
+        "subset: a boolean mask needs shape",
+    ),
+    (
+        "float indices",
+        lambda m: good_data().subset(np.array([0.5, 1.0])),
+        TypeError,
+        "subset: indices must be integers",
+    ),
+    (
+        "fractional labels",
+        lambda m: good_data(labels=np.full(12, 0.7)),
+        ValueError,
+        "labels: expected integer class labels",
+    ),
+    (
+        "NaN labels",
+        lambda m: good_data(labels=np.full(12, np.nan)),
+        ValueError,
+        "labels: expected integer class labels",
+    ),
+    (
+        "negative clip_norm",
+        lambda m: PIMA(specs(), n_clusters=2).fit(good_data(), clip_norm=-1),
+        ValueError,
+        "fit: clip_norm must be a finite number > 0",
+    ),
+    (
+        "fractional batch size",
+        lambda m: PIMA(specs(), n_clusters=2).fit(good_data(), batch_size=32.5),
+        TypeError,
+        "fit: batch_size must be an integer",
+    ),
+    (
+        "epochs as a string",
+        lambda m: PIMA(specs(), n_clusters=2).fit(good_data(), epochs="3"),
+        TypeError,
+        "fit: epochs must be an integer",
+    ),
+    (
+        "infinite epochs",
+        lambda m: PIMA(specs(), n_clusters=2).fit(good_data(), epochs=float("inf")),
+        TypeError,
+        "fit: epochs must be an integer",
+    ),
+    (
+        "infinite learning rate",
+        lambda m: PIMA(specs(), n_clusters=2).fit(good_data(), lr=float("inf")),
+        ValueError,
+        "fit: lr must be a finite number > 0",
+    ),
+    (
+        "bool n_clusters",
+        lambda m: PIMA(specs(), n_clusters=True),
+        TypeError,
+        "PIMA: n_clusters must be an integer",
+    ),
+    (
+        "unknown fit option",
+        lambda m: PIMA(specs(), n_clusters=2).fit(good_data(), epoch=3),
+        TypeError,
+        r"fit: unknown option\(s\) \['epoch'\]",
+    ),
+    (
+        "a device this machine lacks",
+        lambda m: PIMA.load(__file__, map_location="cuda:7"),
+        ValueError,
+        "is not available on this machine",
+    ),
+    (
+        "Custom returning numpy",
+        lambda m: PIMA(
+            specs(curve=PhysicsModality(expert=Custom(lambda t, a: np.ones(6), {"a": (1,)})))
+        ).fit(good_data(), epochs=1),
+        ValueError,
+        "must return a torch.Tensor",
+    ),
+    (
+        "Custom returning NaN at its start",
+        lambda m: PIMA(
+            specs(curve=PhysicsModality(expert=Custom(lambda t, a: a * t / 0.0, {"a": (1,)})))
+        ).fit(good_data(), epochs=1),
+        ValueError,
+        "returns non-finite or non-float values",
+    ),
+    (
+        "Custom with a zero-sized parameter",
+        lambda m: Custom(lambda t, a: t, {"a": (0,)}),
+        ValueError,
+        "zero size",
+    ),
+    (
+        "checkpoint_dir that is a file",
+        lambda m: PIMA(specs(), n_clusters=2).fit(
+            good_data(), epochs=1, checkpoint_dir=__file__, progress=False
+        ),
+        ValueError,
+        "is a file, not a directory",
+    ),
     (
         "query before fit",
         lambda m: PIMA(specs()).cluster_posterior(good_data()),
@@ -259,6 +380,25 @@ def test_bad_input(case, fitted):
     _, call, exc, fragment = case
     with pytest.raises(exc, match=fragment):
         call(fitted)
+
+
+def test_numpy_scalars_are_accepted_where_numbers_are_expected():
+    model = PIMA(specs(), n_clusters=np.int64(2), latent_dim=np.int32(2))
+    model.fit(good_data(), epochs=np.int64(1), lr=np.float32(5e-3), batch_size=np.int64(6),
+              progress=False, logger=False)  # fmt: skip
+    assert len(model.history.loss) == 1
+
+
+def test_an_extra_modality_in_the_fit_data_is_warned_about():
+    data = MultimodalData({"image": IMAGES, "curve": CURVES, "xrd": CURVES}, grids={"curve": GRID})
+    with pytest.warns(UserWarning, match=r"\['xrd'\].*ignored"):
+        PIMA(specs(), n_clusters=2).fit(data, epochs=1, progress=False, logger=False)
+
+
+def test_a_boolean_mask_selects_the_rows_it_marks():
+    mask = np.arange(12) % 3 == 0
+    picked = good_data(labels=np.arange(12)).subset(mask)
+    np.testing.assert_array_equal(picked.labels.numpy(), np.flatnonzero(mask))
 
 
 def test_table_is_large_enough():

@@ -183,6 +183,12 @@ class FitOptions:
         _check_positive("lr", self.lr)
         if self.clip_norm is not None:
             _check_positive("clip_norm", self.clip_norm)
+            self.clip_norm = float(self.clip_norm)
+        self.lr = float(self.lr)
+        for f in fields(self):  # numpy scalars become Python numbers (Lightning checks types)
+            value = getattr(self, f.name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                setattr(self, f.name, int(value))
         if not isinstance(self.validation_fraction, numbers.Real) or not (
             0.0 <= float(self.validation_fraction) < 1.0
         ):

@@ -562,6 +562,9 @@ class Custom(PhysicsExpert):
             raise ValueError("Custom: param_shapes must name at least one parameter")
         self.fn = fn
         self.param_shapes = {k: tuple(v) for k, v in param_shapes.items()}
+        empty = [k for k, v in self.param_shapes.items() if math.prod(v) == 0]
+        if empty:
+            raise ValueError(f"Custom: parameters {empty} have zero size; every shape needs >= 1")
         self.sizes = {k: math.prod(v) for k, v in self.param_shapes.items()}
         self.param_names = tuple(
             name if self.sizes[name] == 1 else f"{name}[{i}]"
@@ -598,7 +601,13 @@ class Custom(PhysicsExpert):
         return out
 
     def expected_curve(self, theta: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.fn(t, **self.unpack(theta))
+        curves = self.fn(t, **self.unpack(theta))
+        if not isinstance(curves, torch.Tensor):
+            raise TypeError(
+                f"Custom: fn must return a torch.Tensor, got {type(curves).__name__} (use torch "
+                "operations on t and the parameters, not numpy)"
+            )
+        return curves.to(t.dtype)  # a float64 constant inside fn must not promote the model
 
     def prior(self) -> dist.Distribution:
         if not self.priors:
