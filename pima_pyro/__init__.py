@@ -1,9 +1,10 @@
 """pima-pyro: Physics-Informed Multimodal Autoencoders as Pyro models."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from pima_pyro import datasets  # noqa: E402
 from pima_pyro.data import Batch, MultimodalData  # noqa: E402
+from pima_pyro.files import PIMAFileError  # noqa: E402
 from pima_pyro.models import (  # noqa: E402
     Affine,
     BernoulliModality,
@@ -29,6 +30,7 @@ __all__ = [
     "GaussianModality",
     "LinearThroughOrigin",
     "MultimodalData",
+    "PIMAFileError",
     "PhysicsExpert",
     "PhysicsModality",
     "Polynomial",

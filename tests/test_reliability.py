@@ -174,3 +174,20 @@ def test_resume_restores_the_global_rng_that_draws_the_variational_globals(tmp_p
     a, b = reference.module.state_dict(), resumed.module.state_dict()
     max_diff = max((a[k].double() - b[k].double()).abs().max().item() for k in a)
     assert max_diff == 0.0
+
+
+def test_a_nan_in_the_mixture_weights_is_diagnosed_and_the_last_good_state_kept(tmp_path):
+    """A NaN that breaks even the diagnosis's own trace (the cluster cannot be sampled) still
+    gives NonFiniteELBOError naming the parameter, with finite parameters in memory."""
+    model = _model()
+
+    def poison(epoch, step):
+        if epoch == 1 and step == 1:
+            with torch.no_grad():
+                model.module.mixture.logits[0] = float("nan")
+
+    with pytest.raises(NonFiniteELBOError, match="mixture.logits"):
+        model.fit(_data(), checkpoint_dir=tmp_path, on_step=poison, **SETTINGS)
+    assert all(torch.isfinite(p).all() for p in model.module.parameters())
+    saved = torch.load(tmp_path / "checkpoint.ckpt", weights_only=True)
+    assert saved["pima"]["epochs_completed"] == 1

@@ -75,6 +75,33 @@ def describe_nonfinite(net: PIMAModule, batch: Batch) -> str:
 
 def _describe_nonfinite(net: PIMAModule, batch: Batch) -> str:
     bad_params = [n for n, p in net.named_parameters() if not bool(torch.isfinite(p).all())]
+    try:
+        bad_sites = _nonfinite_sites(net, batch)
+    except (RuntimeError, ValueError) as exc:  # e.g. a NaN weight that cannot even be sampled
+        bad_sites = [f"(tracing the model failed: {str(exc).splitlines()[0]})"]
+    bad_grads: list[str] = []
+    try:
+        loss = TraceEnum_ELBO(max_plate_nesting=MAX_PLATE_NESTING).differentiable_loss(
+            model, guide, net, batch
+        )
+        net.zero_grad(set_to_none=True)
+        if loss.requires_grad:
+            loss.backward()
+            bad_grads = [
+                n
+                for n, p in net.named_parameters()
+                if p.grad is not None and not bool(torch.isfinite(p.grad).all())
+            ]
+    except (RuntimeError, ValueError) as exc:
+        bad_grads = [f"(the gradient could not be computed: {str(exc).splitlines()[0]})"]
+    net.zero_grad(set_to_none=True)
+    return (
+        f"non-finite sites {bad_sites or 'none'}; non-finite parameters {bad_params or 'none'}; "
+        f"parameters with non-finite gradients {bad_grads or 'none'}"
+    )
+
+
+def _nonfinite_sites(net: PIMAModule, batch: Batch) -> list[str]:
     guide_trace = poutine.trace(guide).get_trace(net, batch)
     model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(net, batch)
     bad_sites = []
@@ -85,23 +112,7 @@ def _describe_nonfinite(net: PIMAModule, batch: Batch) -> str:
             log_prob = node["fn"].log_prob(node["value"])
             if not bool(torch.isfinite(log_prob).all()):
                 bad_sites.append(f"{name} ({label})")
-    loss = TraceEnum_ELBO(max_plate_nesting=MAX_PLATE_NESTING).differentiable_loss(
-        model, guide, net, batch
-    )
-    net.zero_grad(set_to_none=True)
-    bad_grads = []
-    if loss.requires_grad:
-        loss.backward()
-        bad_grads = [
-            n
-            for n, p in net.named_parameters()
-            if p.grad is not None and not bool(torch.isfinite(p.grad).all())
-        ]
-    net.zero_grad(set_to_none=True)
-    return (
-        f"non-finite sites {bad_sites or 'none'}; non-finite parameters {bad_params or 'none'}; "
-        f"parameters with non-finite gradients {bad_grads or 'none'}"
-    )
+    return bad_sites
 
 
 def forget_registered_parameters(prefix: str = "pima") -> None:
