@@ -135,6 +135,93 @@ def _demo(args: argparse.Namespace) -> dict[str, object]:
     return metrics
 
 
+def _fit_command(args: argparse.Namespace) -> dict[str, object]:
+    """``pima-pyro fit CONFIG.toml``: model file, ArviZ NetCDF, metrics JSON and plots."""
+    from pima_pyro import PIMA
+    from pima_pyro.config import load_config, modality_spec, read_data
+    from pima_pyro.metrics import matched_accuracy
+    from pima_pyro.plots import plot_loss
+
+    config = load_config(args.config)
+    data = read_data(config)
+    specs = {name: modality_spec(name, t) for name, t in config["modalities"].items()}
+    model = PIMA(specs, **config.get("model", {}))
+    history = model.fit(data, **{"progress": not args.no_progress, **config.get("fit", {})})
+    out = Path(config["output"]["dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    model.save(out / "model.pt")
+    tree = model.to_datatree(
+        data,
+        num_samples=int(config["output"].get("num_samples", 200)),
+        ppc_samples=int(config["output"].get("ppc_samples", 50)),
+    )
+    tree.to_netcdf(out / "arviz.nc", engine="h5netcdf")
+    plot_loss(history, out / "loss.png")
+    clusters = model.predict_clusters(data)
+    metrics: dict[str, object] = {
+        "n_samples": data.n_samples,
+        "final_loss": history.loss[-1],
+        "cluster_sizes": np.bincount(clusters, minlength=model.n_clusters).tolist(),
+        "weights": model.mixture_parameters()["weights"].round(4).tolist(),
+        "outputs": [str(out / n) for n in ("model.pt", "arviz.nc", "loss.png", "metrics.json")],
+    }
+    if data.labels is not None:
+        metrics["joint_accuracy"] = round(matched_accuracy(data.labels.numpy(), clusters)[0], 4)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def _predict_command(args: argparse.Namespace) -> dict[str, object]:
+    """``pima-pyro predict MODEL DATA --given A B --target C``: mean and interval to NetCDF."""
+    import xarray as xr
+
+    from pima_pyro import PIMA
+    from pima_pyro.io import from_xarray, read_dataset
+
+    model = PIMA.load(args.model)
+    physics = {n: f"{n}_t" for n, s in model.specs.items() if s.kind == "physics"}
+    dataset = read_dataset(args.data)
+    physics = {n: c for n, c in physics.items() if n in dataset.data_vars}
+    data = from_xarray(dataset, sample_dim=args.sample_dim, physics=physics, labels=None)
+    pred = model.predict(data, given=args.given, target=args.target, interval=args.interval)
+    dims = [args.sample_dim] + [f"{args.target}_dim_{i}" for i in range(pred.mean.ndim - 1)]
+    result = xr.Dataset(
+        {
+            f"{args.target}_mean": (dims, pred.mean.numpy()),
+            f"{args.target}_lower": (dims, pred.lower.numpy()),
+            f"{args.target}_upper": (dims, pred.upper.numpy()),
+            "cluster": ([args.sample_dim], model.predict_clusters(data, given=args.given)),
+        },
+        attrs={"given": ",".join(args.given), "interval": args.interval},
+    )
+    result.to_netcdf(args.out, engine="h5netcdf")
+    return {"out": str(args.out), "n_samples": data.n_samples, "target": args.target}
+
+
+def _inspect_command(args: argparse.Namespace) -> dict[str, object]:
+    """``pima-pyro inspect MODEL``: specs, clusters and physics parameters as JSON."""
+    from pima_pyro import PIMA
+    from pima_pyro.files import spec_to_data
+
+    model = PIMA.load(args.model)
+    mixture = model.mixture_parameters()
+    return {
+        "specs": {n: spec_to_data(n, s) for n, s in model.specs.items()},
+        "n_clusters": model.n_clusters,
+        "latent_dim": model.latent_dim,
+        "weights": mixture["weights"].round(4).tolist(),
+        "active": mixture["active"].tolist(),
+        "physics": {
+            name: {
+                "param_names": list(p["param_names"]),
+                "theta": np.round(p["theta"], 5).tolist(),
+                "noise_scale": np.round(p["noise_scale"], 5).tolist(),
+            }
+            for name, p in model.physics_parameters().items()
+        },
+    }
+
+
 def check_demo_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """argparse-style errors (exit status 2, no traceback) for arguments out of range."""
     if args.seed < 0:
@@ -151,6 +238,22 @@ def check_demo_arguments(parser: argparse.ArgumentParser, args: argparse.Namespa
         parser.error("--data-root applies to --dataset mnist only (digits ship with scikit-learn)")
     if args.dataset == "mnist" and args.data_root is None:
         parser.error("--dataset mnist needs --data-root DIR (the IDX files)")
+
+
+def _add_run_commands(sub: argparse._SubParsersAction) -> None:
+    fit = sub.add_parser("fit", help="fit the run described by a TOML config (docs: config)")
+    fit.add_argument("config", help="the TOML file")
+    fit.add_argument("--no-progress", action="store_true")
+    predict = sub.add_parser("predict", help="predict a modality from others, to NetCDF")
+    predict.add_argument("model")
+    predict.add_argument("data", help="NetCDF or Zarr in the layout of pima_pyro.io")
+    predict.add_argument("--given", nargs="+", required=True)
+    predict.add_argument("--target", required=True)
+    predict.add_argument("--interval", type=float, default=0.9)
+    predict.add_argument("--sample-dim", default="sample")
+    predict.add_argument("--out", default="predictions.nc")
+    inspect = sub.add_parser("inspect", help="print a model file's specs and parameters")
+    inspect.add_argument("model")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,16 +274,19 @@ def main(argv: list[str] | None = None) -> int:
         help="torch intra-op threads (default 1: small networks run fastest single-threaded)",
     )
     demo.add_argument("--no-progress", action="store_true")
+    _add_run_commands(sub)
     args = parser.parse_args(argv)
     if args.command == "demo":
         check_demo_arguments(parser, args)
-        try:
-            metrics = _demo(args)
-        except (ValueError, TypeError, FileNotFoundError) as exc:  # a user's mistake: no trace
-            parser.exit(2, f"pima-pyro: error: {exc}\n")
-        np.set_printoptions(precision=3)
-        sys.stdout.flush()
-        print(json.dumps(metrics))
+    commands = {"demo": _demo, "fit": _fit_command, "predict": _predict_command,
+                "inspect": _inspect_command}  # fmt: skip
+    try:
+        result = commands[args.command](args)
+    except (ValueError, TypeError, FileNotFoundError) as exc:  # a user's mistake: no trace
+        parser.exit(2, f"pima-pyro: error: {exc}\n")
+    np.set_printoptions(precision=3)
+    sys.stdout.flush()
+    print(json.dumps(result))
     return 0
 
 

@@ -7,9 +7,6 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import xarray as xr  # noqa: E402
@@ -19,9 +16,15 @@ from pima_pyro.models.experts import PhysicsExpert  # noqa: E402
 
 
 def assigned_clusters(tree: xr.DataTree) -> xr.DataArray:
-    """Most probable cluster of every sample, from the posterior ``cluster_probability``."""
-    prob = tree["posterior"]["cluster_probability"].mean(("chain", "draw"))
-    return prob.argmax("cluster")
+    """Most probable cluster of every sample, from the exported ``cluster_probability``
+    (``to_datatree(..., latents=True)``)."""
+    for group in ("latent_posterior", "posterior"):
+        if group in tree.children and "cluster_probability" in tree[group]:
+            prob = tree[group]["cluster_probability"].mean(("chain", "draw"))
+            return prob.argmax("cluster")
+    raise ValueError(
+        "the tree has no cluster_probability: export it with to_datatree(..., latents=True)"
+    )
 
 
 def ppc_by_cluster(tree: xr.DataTree, modality: str, interval: float = 0.9) -> xr.Dataset:
@@ -97,7 +100,7 @@ def plot_physics_bands(
     cmap = plt.get_cmap("tab10")
     if "observed_data" in tree.children and modality in tree["observed_data"]:
         observed = tree["observed_data"][modality].values
-        if "posterior" in tree.children and "cluster_probability" in tree["posterior"]:
+        if "latent_posterior" in tree.children:
             colours = assigned_clusters(tree).values
         else:
             colours = np.zeros(len(observed), dtype=int)

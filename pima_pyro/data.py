@@ -187,6 +187,20 @@ class MultimodalData:
         else:
             self.labels = None
 
+    # ---- lab data in and out (pima_pyro.io) ---------------------------------------------------
+    @classmethod
+    def from_xarray(cls, dataset: object, **kwargs: object) -> MultimodalData:
+        """See :func:`pima_pyro.io.from_xarray`."""
+        from pima_pyro.io import from_xarray
+
+        return from_xarray(dataset, **kwargs)  # type: ignore[arg-type]
+
+    def to_xarray(self, sample_dim: str = "sample") -> object:
+        """See :func:`pima_pyro.io.to_xarray`."""
+        from pima_pyro.io import to_xarray
+
+        return to_xarray(self, sample_dim)
+
     # ---- basic facts -------------------------------------------------------------------------
     @property
     def names(self) -> tuple[str, ...]:

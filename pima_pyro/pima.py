@@ -17,7 +17,7 @@ import xarray as xr
 
 from pima_pyro.data import MultimodalData
 from pima_pyro.files import PIMAFileError, read_file, spec_from_data, spec_to_data, write_file
-from pima_pyro.inference.export import to_arviz, to_datatree
+from pima_pyro.inference.export import ExportOptions, to_arviz, to_datatree
 from pima_pyro.inference.mcmc import MCMCResult, physics_nuts
 from pima_pyro.inference.posterior import (
     Prediction,
@@ -353,26 +353,34 @@ class PIMA:
         seed: int = 0,
         posterior_predictive: bool = True,
         num_importance: int = 64,
+        ppc_samples: int = 50,
+        ppc_modalities: Sequence[str] | None = None,
+        latents: bool = False,
+        log_likelihood_terms: bool = False,
     ) -> xr.DataTree:
-        """The ArviZ-schema ``xarray.DataTree`` (see :mod:`pima_pyro.inference.export`);
+        """The ArviZ-schema ``xarray.DataTree`` (see :mod:`pima_pyro.inference.export`):
+        ``num_samples`` draws of the globals in ``posterior``, the first ``ppc_samples`` of
+        them replicating ``ppc_modalities`` (default all) in ``posterior_predictive``, the
+        joint log-likelihood ``total`` (per modality too with ``log_likelihood_terms``), the
+        latent mixture's point estimates in ``point_estimates`` and, with ``latents``, the
+        per-sample ``z`` and ``cluster_probability`` in ``latent_posterior``.
         ``num_importance`` encoder draws per sample estimate the marginal log-likelihoods."""
         net = self._require_fitted()
         self._check_data(data)
-        return to_datatree(net, data, num_samples, seed, posterior_predictive, num_importance)
-
-    def to_arviz(
-        self,
-        data: MultimodalData,
-        num_samples: int = 500,
-        seed: int = 0,
-        posterior_predictive: bool = True,
-        num_importance: int = 64,
-    ) -> Any:
-        """:meth:`to_datatree` in the installed ArviZ's type (DataTree for ArviZ >= 1.0,
-        ``InferenceData`` for 0.x)."""
-        return to_arviz(
-            self.to_datatree(data, num_samples, seed, posterior_predictive, num_importance)
+        options = ExportOptions(
+            ppc_samples=ppc_samples,
+            ppc_modalities=None if ppc_modalities is None else tuple(ppc_modalities),
+            latents=bool(latents),
+            log_likelihood_terms=bool(log_likelihood_terms),
         )
+        return to_datatree(
+            net, data, num_samples, seed, posterior_predictive, num_importance, options
+        )
+
+    def to_arviz(self, data: MultimodalData, **options: Any) -> Any:
+        """:meth:`to_datatree` (same options) in the installed ArviZ's type (DataTree for
+        ArviZ >= 1.0, ``InferenceData`` for 0.x)."""
+        return to_arviz(self.to_datatree(data, **options))
 
     def sample_physics_posterior(
         self,

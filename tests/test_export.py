@@ -10,10 +10,16 @@ import xarray as xr
 
 from pima_pyro import PIMA
 from pima_pyro.datasets import affine_modalities, digits_affine
-from pima_pyro.inference.export import ARVIZ_GROUPS, mcmc_to_datatree
+from pima_pyro.inference.export import ARVIZ_GROUPS, EXTRA_GROUPS, mcmc_to_datatree
 from pima_pyro.models.experts import LinearThroughOrigin
 
-DRAW_GROUPS = ("posterior", "posterior_predictive", "log_likelihood", "sample_stats")
+DRAW_GROUPS = (
+    "posterior",
+    "posterior_predictive",
+    "log_likelihood",
+    "sample_stats",
+    "latent_posterior",
+)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +45,7 @@ def bayes_model(data):
 
 def check_arviz_schema(tree: xr.DataTree) -> None:
     """The ArviZ (1.x DataTree / 0.x InferenceData) conventions this package promises."""
-    assert set(tree.children) <= set(ARVIZ_GROUPS)
+    assert set(tree.children) <= set(ARVIZ_GROUPS) | set(EXTRA_GROUPS)
     for group, node in tree.children.items():
         ds = node.to_dataset()
         for name, var in ds.data_vars.items():
@@ -52,10 +58,12 @@ def check_arviz_schema(tree: xr.DataTree) -> None:
 
 
 def test_groups_dims_and_coords(point_model, data):
-    tree = point_model.to_datatree(data, num_samples=20)
+    tree = point_model.to_datatree(data, num_samples=20, ppc_samples=5, latents=True)
     check_arviz_schema(tree)
     assert set(tree.children) == {
         "posterior",
+        "point_estimates",
+        "latent_posterior",
         "posterior_predictive",
         "log_likelihood",
         "observed_data",
@@ -63,14 +71,20 @@ def test_groups_dims_and_coords(point_model, data):
     }
     post = tree["posterior"].to_dataset()
     assert post["pi"].dims == ("chain", "draw", "cluster")
-    assert post["z"].dims == ("chain", "draw", "obs", "latent")
-    assert post["cluster_probability"].dims == ("chain", "draw", "obs", "cluster")
+    assert set(post.data_vars) == {"pi", "curve_theta", "curve_noise"}  # globals only
+    latent = tree["latent_posterior"].to_dataset()
+    assert latent["z"].dims == ("chain", "draw", "obs", "latent")
+    assert latent["cluster_probability"].dims == ("chain", "draw", "obs", "cluster")
+    np.testing.assert_allclose(latent["cluster_probability"].sum("cluster"), 1.0, rtol=1e-5)
+    point = tree["point_estimates"].to_dataset()
+    assert point["mu"].dims == ("cluster", "latent")
+    np.testing.assert_allclose(point["mu"].values, point_model.mixture_parameters()["loc"])
     assert post["curve_theta"].dims == ("chain", "draw", "cluster", "curve_param")
     assert list(post["curve_param"].values) == ["slope"]
     assert post.attrs["globals"] == "point_estimate"
     assert post.attrs["inference_library"] == "pyro"
-    np.testing.assert_allclose(post["cluster_probability"].sum("cluster"), 1.0, rtol=1e-5)
     pp = tree["posterior_predictive"].to_dataset()
+    assert pp.sizes["draw"] == 5
     assert pp["image"].dims == ("chain", "draw", "obs", "image_dim_0", "image_dim_1")
     assert pp["curve"].dims == ("chain", "draw", "obs", "curve_t")
     np.testing.assert_allclose(pp["curve_t"].values, data.grids["curve"].numpy())
@@ -81,7 +95,7 @@ def test_groups_dims_and_coords(point_model, data):
 
 
 def test_log_likelihood_is_log_sum_over_clusters(point_model, data):
-    tree = point_model.to_datatree(data, num_samples=5)
+    tree = point_model.to_datatree(data, num_samples=5, log_likelihood_terms=True)
     ll = tree["log_likelihood"].to_dataset()
     params = point_model.physics_parameters()["curve"]
     pi = point_model.mixture_parameters()["weights"]
@@ -120,7 +134,9 @@ def test_bayesian_globals_give_real_draws_and_loo_runs(bayes_model, point_model,
     assert float(post["pi"].sum("cluster").min()) == pytest.approx(1.0, rel=1e-5)
     point = point_model.to_datatree(data, num_samples=5)["posterior"].to_dataset()
     assert float(point["curve_theta"].std("draw").max()) == pytest.approx(0.0, abs=1e-5)
-    idata = bayes_model.to_arviz(data, num_samples=50, posterior_predictive=False)
+    idata = bayes_model.to_arviz(
+        data, num_samples=50, posterior_predictive=False, log_likelihood_terms=True
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         loo = az.loo(idata, var_name="curve")
@@ -132,7 +148,7 @@ def test_mcmc_export_has_sample_stats_log_likelihood_and_relabelled_clusters(poi
     result = point_model.sample_physics_posterior(
         data, num_samples=20, warmup_steps=20, num_chains=2, seed=0
     )
-    tree = mcmc_to_datatree(result)
+    tree = mcmc_to_datatree(result, log_likelihood_terms=True)
     check_arviz_schema(tree)
     assert {"posterior", "sample_stats", "log_likelihood", "observed_data", "constant_data"} <= set(
         tree.children
@@ -157,7 +173,7 @@ def test_mcmc_export_has_sample_stats_log_likelihood_and_relabelled_clusters(poi
 def test_ppc_by_cluster_and_physics_bands(point_model, data, tmp_path):
     from pima_pyro.criticism import plot_physics_bands, ppc_by_cluster
 
-    tree = point_model.to_datatree(data, num_samples=100)
+    tree = point_model.to_datatree(data, num_samples=100, ppc_samples=100, latents=True)
     ppc = ppc_by_cluster(tree, "curve")
     assert int(ppc["count"].sum()) == data.n_samples
     populated = ppc["count"] > 0
@@ -187,7 +203,9 @@ def test_point_estimate_export_warns_that_loo_is_in_sample(point_model, data):
 def test_bayesian_export_log_likelihood_varies_with_the_global_draws(bayes_model, data):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no in-sample warning here
-        tree = bayes_model.to_datatree(data, num_samples=40, posterior_predictive=False)
+        tree = bayes_model.to_datatree(
+            data, num_samples=40, posterior_predictive=False, log_likelihood_terms=True
+        )
     ll = tree["log_likelihood"].to_dataset()
     assert "warning" not in ll.attrs
     assert float(ll["curve"].std("draw").min()) > 0
@@ -204,10 +222,39 @@ def test_rows_with_nothing_observed_draw_z_from_the_mixture_prior(point_model, d
         masks=masks,
     )
     with pytest.warns(UserWarning, match="in-sample"):
-        tree = point_model.to_datatree(holes, num_samples=2000, posterior_predictive=False)
-    z = tree["posterior"]["z"].values[0, :, :3]  # (draws, 3 empty rows, latent)
+        tree = point_model.to_datatree(
+            holes, num_samples=2000, posterior_predictive=False, latents=True
+        )
+    z = tree["latent_posterior"]["z"].values[0, :, :3]  # (draws, 3 empty rows, latent)
     mix = point_model.mixture_parameters()
     np.testing.assert_allclose(
         z.mean(0), np.broadcast_to(mix["weights"] @ mix["loc"], (3, 3)), atol=0.15
     )
     assert float(tree["log_likelihood"]["total"].values[0, :, :3].max()) == 0.0
+
+
+def test_default_export_summarises_the_globals_and_loo_runs_without_var_name(bayes_model, data):
+    idata = bayes_model.to_arviz(data, num_samples=40)
+    summary = az.summary(idata)
+    k, params = bayes_model.n_clusters, len(bayes_model.specs["curve"].expert.param_names)
+    assert len(summary) == k + k * params + k  # pi, curve_theta, curve_noise: nothing per sample
+    assert list(idata.log_likelihood.data_vars) == ["total"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert np.isfinite(az.loo(idata).elpd_loo)
+    assert idata.posterior_predictive.sizes["draw"] == 40  # fewer draws than ppc_samples=50
+    result = bayes_model.sample_physics_posterior(
+        data, num_samples=10, warmup_steps=10, num_chains=1, seed=0
+    )
+    mcmc = result.to_arviz()
+    assert "observed_data" in mcmc.groups() and list(mcmc.log_likelihood.data_vars) == ["total"]
+
+
+def test_ppc_options_thin_and_choose_modalities(point_model, data):
+    tree = point_model.to_datatree(data, num_samples=30, ppc_samples=7, ppc_modalities=["curve"])
+    pp = tree["posterior_predictive"].to_dataset()
+    assert list(pp.data_vars) == ["curve"] and pp.sizes["draw"] == 7
+    with pytest.raises(ValueError, match="ppc_modalities"):
+        point_model.to_datatree(data, num_samples=5, ppc_modalities=["xrd"])
+    with pytest.raises(ValueError, match="ppc_samples"):
+        point_model.to_datatree(data, num_samples=5, ppc_samples=-1)

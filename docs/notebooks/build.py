@@ -108,7 +108,7 @@ if QUICK:
 epochs = 10 if QUICK else 100
 model = pp.PIMA(pp.datasets.affine_modalities(), n_clusters=10, latent_dim=4, bayesian_globals=True)
 model.fit(data, epochs=epochs, seed=0, progress=False)
-tree = model.to_datatree(data, num_samples=100 if QUICK else 500)
+tree = model.to_datatree(data, num_samples=100 if QUICK else 500, latents=True)
 tree"""
     ),
     new_markdown_cell("## Posterior predictive check of the curves, per cluster"),
@@ -164,8 +164,8 @@ comparison"""
         """draws = 30 if QUICK else 500
 result = model.sample_physics_posterior(data, num_samples=draws, warmup_steps=draws,
                                         num_chains=2 if QUICK else 4)
-mcmc_tree = pp.inference.export.mcmc_to_datatree(result)
-print(az.summary(az.InferenceData.from_datatree(mcmc_tree), var_names=["curve_theta"])[["mean", "sd", "ess_bulk", "r_hat"]])
+mcmc_idata = result.to_arviz()  # InferenceData on ArviZ 0.x, a DataTree on 1.x
+print(az.summary(mcmc_idata, var_names=["curve_theta"])[["mean", "sd", "ess_bulk", "r_hat"]])
 print("divergences:", int(result.sample_stats["diverging"].sum()))"""
     ),
 ]

@@ -30,6 +30,7 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -55,6 +56,9 @@ ARVIZ_GROUPS = (
     "observed_data",
     "constant_data",
 )
+#: Groups of this package beside ArviZ's: per-sample draws kept out of ``posterior`` (so that
+#: ``az.summary`` reports the globals) and point estimates exported once, without draw dims.
+EXTRA_GROUPS = ("latent_posterior", "point_estimates")
 
 
 def _version(package: str) -> str:
@@ -112,6 +116,27 @@ IN_SAMPLE_NOTE = (
 )
 
 
+@dataclass(frozen=True)
+class ExportOptions:
+    """What :func:`to_datatree` exports beyond the globals and the joint log-likelihood.
+
+    Attributes:
+        ppc_samples: draws of the posterior predictive (the first ``ppc_samples`` of the
+            ``num_samples`` draws, all of them when fewer; 0 or ``posterior_predictive=False``
+            for none).
+        ppc_modalities: the modalities replicated (default: all).
+        latents: export the per-sample ``z`` and ``cluster_probability`` draws, in their own
+            group ``latent_posterior`` (so that ``az.summary`` reports the globals only).
+        log_likelihood_terms: export one log-likelihood variable per modality beside the joint
+            ``total`` (then ``az.loo`` needs ``var_name``).
+    """
+
+    ppc_samples: int = 50
+    ppc_modalities: tuple[str, ...] | None = None
+    latents: bool = False
+    log_likelihood_terms: bool = False
+
+
 @torch.no_grad()
 def to_datatree(
     net: PIMAModule,
@@ -120,6 +145,7 @@ def to_datatree(
     seed: int = 0,
     posterior_predictive: bool = True,
     num_importance: int = 64,
+    options: ExportOptions | None = None,
 ) -> xr.DataTree:
     """Draw ``num_samples`` times from the fitted posterior of the globals and build the tree.
 
@@ -127,47 +153,93 @@ def to_datatree(
     log-likelihoods (:mod:`pima_pyro.inference.marginal`). Under point-estimate globals this
     warns that LOO on the export measures in-sample fit.
     """
+    options = options or ExportOptions()
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"to_arviz: num_samples must be an int >= 1, got {num_samples!r}")
     device = net.mixture.loc.device
-    dtype = net.mixture.loc.dtype
-    batch = data.to_batch(device=device, dtype=dtype)
+    batch = data.to_batch(device=device, dtype=net.mixture.loc.dtype)
     names = [m for m in net.modality_names if m in data.values]
+    ppc_names = _ppc_names(names, options, posterior_predictive, num_samples)
     with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
         torch.manual_seed(seed)
         draws, globals_kind = _draw_globals(net, num_samples)
         z, cluster_prob = _local_draws(net, batch, names, draws)
         log_lik, log_lik_se = pointwise_log_likelihood(net, batch, draws, names, num_importance)
-        predictive = (
-            _posterior_predictive(net, batch, names, draws, z, cluster_prob)
-            if posterior_predictive
-            else {}
-        )
+        predictive = _posterior_predictive(net, batch, ppc_names, draws, z, cluster_prob)
     if globals_kind == "point_estimate":
         warnings.warn("to_arviz: " + IN_SAMPLE_NOTE, UserWarning, stacklevel=3)
+    if not options.log_likelihood_terms:
+        log_lik = {"total": log_lik["total"]}
     coords = _coords(net, data, names, num_samples)
-    method = "SVI (TraceEnum_ELBO, product-of-experts guide)"
-    groups: dict[str, xr.Dataset] = {}
-    groups["posterior"] = xr.Dataset(
-        _posterior_vars(net, draws, z, cluster_prob),
-        coords=coords,
-        attrs=_attrs(method, globals_kind),
-    )
-    if posterior_predictive:
-        groups["posterior_predictive"] = xr.Dataset(
-            {
-                name: (("chain", "draw", "obs", *feature_dims(net, name)), _cd(v))
-                for name, v in predictive.items()
-            },
-            coords=coords,
-            attrs=_attrs(method, globals_kind),
+    attrs = _attrs("SVI (TraceEnum_ELBO, product-of-experts guide)", globals_kind)
+    groups: dict[str, xr.Dataset] = {
+        "posterior": xr.Dataset(_posterior_vars(net, draws), coords=coords, attrs=attrs),
+        "point_estimates": _point_estimates_group(net, coords),
+    }
+    if options.latents:
+        groups["latent_posterior"] = _latent_group(z, cluster_prob, coords, attrs)
+    if ppc_names:
+        groups["posterior_predictive"] = _predictive_group(
+            net, predictive, coords, min(options.ppc_samples, num_samples), attrs
         )
     groups["log_likelihood"] = _log_likelihood_group(
-        log_lik, log_lik_se, coords, num_importance, _attrs(method, globals_kind)
+        log_lik, log_lik_se, coords, num_importance, attrs
     )
     groups["observed_data"] = _observed_group(net, data, names, coords)
     groups["constant_data"] = _constant_group(net, data, names, coords)
     return _tree(groups)
+
+
+def _ppc_names(
+    names: list[str], options: ExportOptions, posterior_predictive: bool, num_samples: int
+) -> list[str]:
+    if not posterior_predictive or options.ppc_samples == 0:
+        return []
+    if not isinstance(options.ppc_samples, int) or options.ppc_samples < 0:
+        raise ValueError(f"to_arviz: ppc_samples must be an int >= 0, got {options.ppc_samples!r}")
+    wanted = list(options.ppc_modalities) if options.ppc_modalities is not None else names
+    unknown = [m for m in wanted if m not in names]
+    if unknown:
+        raise ValueError(f"to_arviz: ppc_modalities {unknown} are not in the data ({names})")
+    return wanted
+
+
+def _point_estimates_group(net: PIMAModule, coords: dict) -> xr.Dataset:
+    """The latent mixture's means and scales: point estimates in every fit (no guide on
+    them), exported once, without draw dims."""
+    mix = net.mixture
+    return xr.Dataset(
+        {
+            "mu": (("cluster", "latent"), mix.loc.detach().cpu().numpy()),
+            "sigma": (("cluster", "latent"), mix.scale.detach().cpu().numpy()),
+        },
+        coords={k: coords[k] for k in ("cluster", "latent")},
+        attrs={"note": "point estimates of the latent mixture (no posterior draws exist)"},
+    )
+
+
+def _latent_group(z, cluster_prob, coords: dict, attrs: dict) -> xr.Dataset:
+    return xr.Dataset(
+        {
+            "z": (("chain", "draw", "obs", "latent"), _cd(z)),
+            "cluster_probability": (("chain", "draw", "obs", "cluster"), _cd(cluster_prob)),
+        },
+        coords={k: coords[k] for k in ("chain", "draw", "obs", "latent", "cluster")},
+        attrs=attrs,
+    )
+
+
+def _predictive_group(net, predictive, coords: dict, ppc_samples: int, attrs) -> xr.Dataset:
+    kept = {k: v for k, v in coords.items() if k != "draw"}
+    kept["draw"] = coords["draw"][:ppc_samples]
+    return xr.Dataset(
+        {
+            name: (("chain", "draw", "obs", *feature_dims(net, name)), _cd(v[:ppc_samples]))
+            for name, v in predictive.items()
+        },
+        coords=kept,
+        attrs={**attrs, "draws": f"the first {ppc_samples} draws of the posterior"},
+    )
 
 
 def _cd(x: torch.Tensor) -> np.ndarray:
@@ -237,20 +309,10 @@ def _coords(net: PIMAModule, data: MultimodalData, names: list[str], num_samples
     return coords
 
 
-def _posterior_vars(
-    net: PIMAModule, draws: dict[str, torch.Tensor], z: torch.Tensor, cluster_prob: torch.Tensor
-) -> dict[str, tuple]:
-    num_samples = z.shape[0]
+def _posterior_vars(net: PIMAModule, draws: dict[str, torch.Tensor]) -> dict[str, tuple]:
     mix = net.mixture
     out = {
         "pi": (("chain", "draw", "cluster"), _cd(log_weights_of(draws["pi"], mix.active).exp())),
-        "mu": (("chain", "draw", "cluster", "latent"), _cd(mix.loc.expand(num_samples, -1, -1))),
-        "sigma": (
-            ("chain", "draw", "cluster", "latent"),
-            _cd(mix.scale.expand(num_samples, -1, -1)),
-        ),
-        "z": (("chain", "draw", "obs", "latent"), _cd(z)),
-        "cluster_probability": (("chain", "draw", "obs", "cluster"), _cd(cluster_prob)),
     }
     for name in net.physics_names:
         out[f"{name}_theta"] = (
@@ -317,11 +379,15 @@ def _tree(groups: dict[str, xr.Dataset]) -> xr.DataTree:
     return tree
 
 
-def mcmc_to_datatree(result: MCMCResult) -> xr.DataTree:
+def mcmc_to_datatree(result: MCMCResult, log_likelihood_terms: bool = False) -> xr.DataTree:
     """NUTS draws as a tree: ``posterior`` (pi, <m>_theta, <m>_noise, relabelled),
     ``sample_stats`` (diverging, step_size, n_steps, tree_depth, lp), ``log_likelihood``
-    (exact per physics modality and ``total``, marginal over c), ``observed_data`` (the curves)
-    and ``constant_data`` (grids, masks)."""
+    (``total``, exact and marginal over c; per physics modality too with
+    ``log_likelihood_terms``), ``observed_data`` (the curves) and ``constant_data`` (grids,
+    masks)."""
+    log_lik = result.log_likelihood
+    if not log_likelihood_terms:
+        log_lik = {"total": log_lik["total"]}
     chains, draws = result.samples["pi"].shape[:2]
     k = result.samples["pi"].shape[-1]
     n = next(iter(result.observed.values())).shape[0]
@@ -353,7 +419,7 @@ def mcmc_to_datatree(result: MCMCResult) -> xr.DataTree:
             attrs=attrs,
         ),
         "log_likelihood": xr.Dataset(
-            {m: (("chain", "draw", "obs"), v) for m, v in result.log_likelihood.items()},
+            {m: (("chain", "draw", "obs"), v) for m, v in log_lik.items()},
             coords={**chain_draw, "obs": coords["obs"]},
             attrs={**attrs, "definition": "log p(curves of obs n | draw), exact sum over c"},
         ),

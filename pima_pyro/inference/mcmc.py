@@ -44,6 +44,7 @@ import copy
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyro
@@ -80,6 +81,20 @@ class MCMCResult:
     masks: dict[str, np.ndarray] = field(default_factory=dict)
     grids: dict[str, np.ndarray] = field(default_factory=dict)
     acceptance_rate: list[float] = field(default_factory=list)
+
+    def to_datatree(self, log_likelihood_terms: bool = False) -> Any:
+        """The draws as an ArviZ-schema ``xarray.DataTree``
+        (:func:`~pima_pyro.inference.export.mcmc_to_datatree`)."""
+        from pima_pyro.inference.export import mcmc_to_datatree  # export imports this module
+
+        return mcmc_to_datatree(self, log_likelihood_terms)
+
+    def to_arviz(self, log_likelihood_terms: bool = False) -> Any:
+        """:meth:`to_datatree` in the installed ArviZ's type (``InferenceData`` on 0.x, so
+        ``az.summary(result.to_arviz())`` works on both)."""
+        from pima_pyro.inference.export import to_arviz
+
+        return to_arviz(self.to_datatree(log_likelihood_terms))
 
 
 class _CountingPotential:
