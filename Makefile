@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint slow clean
+.PHONY: demo test lint slow clean docs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,16 @@ test: $(STAMP)
 slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
+$(VENV)/.docs-installed: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[docs]'
+	touch $(VENV)/.docs-installed
+
+# the site in docs/_build/html (notebooks executed in quick mode), warnings as errors
+docs: $(VENV)/.docs-installed
+	$(BIN)/python -m sphinx -E -W --keep-going -q -b html docs docs/_build/html
+
 lint: $(STAMP)
 	$(BIN)/ruff check pima_pyro tests benchmarks
 
 clean:
-	rm -rf $(VENV) demo_out
+	rm -rf $(VENV) demo_out docs/_build

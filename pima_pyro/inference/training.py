@@ -9,13 +9,13 @@ The schedule:
    plain multimodal VAE);
 3. mixture start after a warm-up: :math:`\mu_c, \sigma_c` from the embeddings weighted by the
    EM responsibilities (a GMM on the embeddings without physics);
-3b. anchor (by default the first quarter of the epochs after EM): the experts and the mixture
+4. anchor (by default the first quarter of the epochs after EM): the experts and the mixture
    weights stay at their EM values while the encoders and the latent mixture learn to agree
    with them; freed too early, the experts follow responsibilities that a still random latent
    mixture distorts, and close clusters merge;
-4. everything free for the remaining epochs.
+5. everything free for the remaining epochs.
 
-Steps 2-4 are epochs of :class:`~pima_pyro.inference.training_plan.PIMATrainingPlan` run by a
+Steps 2-5 are epochs of :class:`~pima_pyro.inference.training_plan.PIMATrainingPlan` run by a
 ``lightning.Trainer``: on one device, or data-parallel (``strategy="ddp"``: spawned processes
 on this machine, gloo on CPU and nccl on CUDA; under ``torchrun`` or SLURM, the processes that
 launcher started).
@@ -83,7 +83,7 @@ class FitOptions:
             mixture, ``max(1, epochs // 10)`` otherwise; 0 skips steps 2-3.
         anchor_epochs: epochs, after any warm-up, with the physics experts and the mixture
             weights held at their EM values while the encoders and the latent mixture align
-            with them (step 3b); default ``epochs // 4`` after EM, else 0.
+            with them (step 4); default ``epochs // 4`` after EM, else 0.
         subset_training: encode random subsets of each sample's observed modalities (each kept
             with probability 1/2; a sample that draws none keeps all), while the model scores
             every observed modality: any ``q`` gives a valid lower bound, and this one teaches
