@@ -95,6 +95,9 @@ def load_config(path: str | Path) -> dict[str, Any]:
     config["data"]["path"] = str(root / config["data"]["path"])
     config.setdefault("output", {})
     config["output"]["dir"] = str(root / config["output"].get("dir", "pima_out"))
+    for key in ("checkpoint_dir", "log_dir"):  # paths in the config are relative to it
+        if key in config.get("fit", {}):
+            config["fit"][key] = str(root / config["fit"][key])
     return config
 
 
@@ -138,7 +141,12 @@ def _expert(where: str, table: Mapping[str, Any]) -> Any:
             f"config: {where} expert must be one of {list(BUILTIN_EXPERTS)}, or a Custom "
             f'expert "package.module:function" with param_shapes; got expert={expert!r}'
         )
-    importlib.import_module(module)  # the user's own config names the user's own module
+    try:
+        importlib.import_module(module)  # the user's own config names the user's own module
+    except ImportError as exc:
+        raise ValueError(
+            f"config: {where} expert: cannot import module {module!r} ({exc})"
+        ) from exc
     data = {"class": "Custom", "fn": expert, "param_shapes": table["param_shapes"],
             "priors": {}, "init": table.get("init", {})}  # fmt: skip
     return expert_from_data(data, where)

@@ -76,8 +76,9 @@ def resolve_function(path: str, where: str) -> Callable[..., Any]:
     obj: Any = sys.modules[module_name]
     for part in qualname.split("."):
         obj = getattr(obj, part, None)
-    if not callable(obj):
-        raise PIMAFileError(f"{where}: {path!r} names no function")
+    # defined in that module: an attribute chain must not reach into another module (os.system)
+    if not callable(obj) or isinstance(obj, type(sys)) or obj.__module__ != module_name:
+        raise PIMAFileError(f"{where}: {path!r} names no function defined in {module_name}")
     return obj
 
 
@@ -211,12 +212,18 @@ def write_file(
     text = json.dumps(header, sort_keys=True)
     cpu = {k: v.detach().cpu().clone() for k, v in tensors.items()}
     payload = {"format": FILE_FORMAT, "header": text, "digest": digest(text, cpu), "tensors": cpu}
+    atomic_torch_save(payload, path)
+
+
+def atomic_torch_save(obj: object, path: str | os.PathLike[str]) -> None:
+    """``torch.save`` to ``<name>.<random>.tmp`` beside ``path``, then rename: a kill during
+    the write leaves the old file (and a temporary, which the next fit removes)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        torch.save(payload, tmp)
+        torch.save(obj, tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -240,6 +247,8 @@ def read_file(path: str | os.PathLike[str]) -> tuple[dict, dict[str, torch.Tenso
     header, tensors = payload.get("header"), payload.get("tensors")
     if not isinstance(header, str) or not isinstance(tensors, dict):
         raise PIMAFileError(f"{path}: the file lacks its header or tensors")
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()):
+        raise PIMAFileError(f"{path}: its tensors section holds something else than tensors")
     if digest(header, tensors) != payload.get("digest"):
         raise PIMAFileError(f"{path}: corrupted (the SHA-256 digest of its contents differs)")
     try:

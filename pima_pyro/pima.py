@@ -238,11 +238,11 @@ class PIMA:
         is built. ``strategy="ddp"`` trains data-parallel on ``devices`` processes with
         ``batch_size`` samples each (Lightning's DDP: gloo on CPU, nccl on CUDA).
         """
-        from pima_pyro.inference.training import FitOptions, fit  # Lightning: imported on use
+        from pima_pyro.inference.training import fit, validated_options  # Lightning: on use
 
         if not isinstance(data, MultimodalData):
             raise TypeError(f"fit: expected MultimodalData, got {type(data).__name__}")
-        seed = FitOptions.from_keywords(dict(options)).seed
+        seed = validated_options(dict(options), self.bayesian_globals).seed
         if self.n_clusters > data.n_samples:
             raise ValueError(
                 f"PIMA: n_clusters={self.n_clusters} exceeds the {data.n_samples} samples"
@@ -499,7 +499,11 @@ class PIMA:
         header, state = read_file(path)
         try:
             written_by = str(header["versions"]["pima_pyro"])
-            newer = int(written_by.split(".")[0]) > int(_package_version().split(".")[0])
+            if int(written_by.split(".")[0]) > int(_package_version().split(".")[0]):
+                raise PIMAFileError(
+                    f"PIMA.load: {path} was written by pima-pyro {written_by}, newer than this "
+                    f"{_package_version()}; upgrade pima-pyro to read it"
+                )
             specs = {
                 name: spec_from_data(name, data, experts or {})
                 for name, data in header["specs"].items()
@@ -511,15 +515,11 @@ class PIMA:
                 header["prior_expert"],
                 bayesian_globals=header["bayesian_globals"],
             )
+            history = History.from_dict(header["history"]) if header.get("history") else None
         except PIMAFileError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise PIMAFileError(f"{path}: the header does not describe a model ({exc})") from exc
-        if newer:
-            raise PIMAFileError(
-                f"PIMA.load: {path} was written by pima-pyro {written_by}, newer than this "
-                f"{_package_version()}; upgrade pima-pyro to read it"
-            )
         model.module = PIMAModule(
             model.specs,
             model.n_clusters,
@@ -532,6 +532,5 @@ class PIMA:
         except RuntimeError as exc:
             raise PIMAFileError(f"{path}: weights do not fit the specs ({exc})") from exc
         model.module.to(device).eval()
-        if header.get("history"):
-            model.history = History.from_dict(header["history"])
+        model.history = history
         return model

@@ -157,3 +157,12 @@ def test_resume_falls_back_to_the_previous_checkpoint_when_the_last_is_corrupted
         warnings.simplefilter("ignore")
         with pytest.raises(PIMAFileError, match="checkpoint"):
             _fit(small, tmp_path / "run", epochs=4, resume=True)
+
+
+def test_a_function_path_cannot_reach_into_another_module():
+    from pima_pyro.files import resolve_function
+
+    with pytest.raises(PIMAFileError, match="defined in pima_pyro.files"):
+        resolve_function("pima_pyro.files:os.system", "modality 'curve'")
+    with pytest.raises(PIMAFileError, match="not in a module this process has imported"):
+        resolve_function("os:system", "modality 'curve'")

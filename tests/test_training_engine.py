@@ -67,6 +67,10 @@ def test_early_stopping_stops_when_the_validation_elbo_stops_improving(small, tm
     "options,named",
     [
         ({"precision": "16-mixed"}, ("precision", "objective")),
+        ({"precision": "64-true"}, ("precision", "objective")),
+        ({"devices": 2}, ("devices", "strategy")),
+        ({"num_nodes": 2}, ("num_nodes", "strategy")),
+        ({"seed": 2**32}, ("seed",)),
         ({"strategy": "fsdp"}, ("strategy",)),
         ({"strategy": "ddp", "callback": print}, ("strategy='ddp'", "callback")),
         ({"strategy": "ddp", "on_step": print}, ("strategy='ddp'", "on_step")),
@@ -77,15 +81,17 @@ def test_early_stopping_stops_when_the_validation_elbo_stops_improving(small, tm
     ],
 )
 def test_options_the_engine_cannot_honour_are_refused_naming_them(small, options, named):
+    model = _model()
     with pytest.raises(ValueError) as info:
-        _model().fit(small, epochs=1, **{**FAST, **options})
+        model.fit(small, epochs=1, **{**FAST, **options})
     for name in named:
         assert name in str(info.value), (name, str(info.value))
+    assert model.module is None  # refused before anything was built
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_on_a_machine_without_it_is_refused_before_training(small):
-    with pytest.raises(ValueError, match="no CUDA device"):
+    with pytest.raises(ValueError, match=r"not available on this machine; it has \[.cpu.\]"):
         _model().fit(small, epochs=1, device="cuda", **FAST)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ import numpy as np
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Checkpoint
+
+from pima_pyro.files import atomic_torch_save
 
 
 def numpy_state_as_tensors() -> dict[str, Any]:
@@ -78,6 +81,20 @@ class RNGStateCallback(pl.Callback):
             self.pending = None
 
 
+def keep_previous(path: str | os.PathLike[str]) -> None:
+    """Copy ``path`` to :func:`previous_checkpoint` atomically; ``path`` itself stays in place
+    until the new checkpoint replaces it, so a kill at any moment leaves a good file."""
+    previous = previous_checkpoint(path)
+    fd, tmp = tempfile.mkstemp(dir=previous.parent, prefix=f"{Path(path).name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, previous)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def previous_checkpoint(path: str | os.PathLike[str]) -> Path:
     """Where the checkpoint before ``path`` is kept: ``checkpoint.prev.ckpt`` beside it."""
     path = Path(path)
@@ -106,7 +123,7 @@ class EpochEndCheckpoint(Checkpoint):
         last = done == trainer.max_epochs or trainer.should_stop
         if done % self.every_n_epochs == 0 or last:
             if trainer.is_global_zero and os.path.exists(self.path):  # keep the last good one
-                os.replace(self.path, previous_checkpoint(self.path))
+                keep_previous(self.path)
             trainer.save_checkpoint(self.path)  # the full checkpoint: optimisers, loops, RNG
 
 
@@ -119,16 +136,7 @@ class WeightsOnlyCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | os.PathLike[str], storage_options: Any = None
     ) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(checkpoint, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        atomic_torch_save(checkpoint, path)
 
     def load_checkpoint(
         self,

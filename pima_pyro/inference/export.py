@@ -193,15 +193,13 @@ def to_datatree(
 def _ppc_names(
     names: list[str], options: ExportOptions, posterior_predictive: bool, num_samples: int
 ) -> list[str]:
-    if not posterior_predictive or options.ppc_samples == 0:
-        return []
     if not isinstance(options.ppc_samples, int) or options.ppc_samples < 0:
         raise ValueError(f"to_arviz: ppc_samples must be an int >= 0, got {options.ppc_samples!r}")
     wanted = list(options.ppc_modalities) if options.ppc_modalities is not None else names
     unknown = [m for m in wanted if m not in names]
     if unknown:
         raise ValueError(f"to_arviz: ppc_modalities {unknown} are not in the data ({names})")
-    return wanted
+    return wanted if posterior_predictive and options.ppc_samples > 0 else []
 
 
 def _point_estimates_group(net: PIMAModule, coords: dict) -> xr.Dataset:

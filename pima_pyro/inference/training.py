@@ -30,7 +30,7 @@ import numbers
 import os
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ from pima_pyro.inference.svi import (
     History,
     forget_registered_parameters,
     initialize_from_physics,
+    resolve_device,
     warn_collapsed_encoders,
 )
 from pima_pyro.inference.training_plan import LoopOptions, PIMATrainingPlan, Schedule
@@ -66,8 +67,9 @@ CHECKPOINT_NAME = "checkpoint"
 #: Where the default ``CSVLogger`` writes when no ``log_dir`` or ``checkpoint_dir`` is given.
 DEFAULT_LOG_DIR = "pima_logs"
 #: Values of ``precision`` the loop runs in: mixed precision is refused (a log-sum-exp over
-#: clusters of float16 log-densities loses the small posteriors that the queries report).
-PRECISIONS = (None, 32, 64, "32", "64", "32-true", "64-true")
+#: clusters of float16 log-densities loses the small posteriors that the queries report), and
+#: so is "64-true" (the data and the queries are float32).
+PRECISIONS = (None, 32, "32", "32-true")
 
 
 @dataclass
@@ -115,7 +117,8 @@ class FitOptions:
             instrumentation; it must not draw random numbers).
         strategy: ``None`` (one process) or ``"ddp"`` (Lightning's data-parallel strategy;
             ``devices`` processes per node on ``num_nodes`` nodes).
-        precision: ``"32-true"`` (default) or ``"64-true"``; mixed precision is refused.
+        precision: ``"32-true"`` (the default and the only one: mixed precision and
+            ``"64-true"`` are refused, naming the objective).
         validation_fraction: hold out this fraction of the samples (seeded) and log
             ``val_loss`` (-ELBO per sample) and, with labels, ``val_accuracy`` each epoch.
         early_stopping_patience: stop when ``val_loss`` has not improved for this many epochs.
@@ -177,6 +180,8 @@ class FitOptions:
             ("seed", 0),
         ):
             _check_int(name, getattr(self, name), low)
+        if self.seed >= 2**32:  # numpy's global seed is 32-bit
+            raise ValueError(f"fit: seed must be < 2**32, got {self.seed}")
         for name in ("warmup_epochs", "anchor_epochs", "num_threads", "early_stopping_patience"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), 0 if "epochs" in name else 1)
@@ -209,7 +214,7 @@ class FitOptions:
             "validation_fraction",
             "em_starts",
         )
-        out: dict[str, Any] = {k: asdict(self)[k] for k in keys}
+        out: dict[str, Any] = {k: getattr(self, k) for k in keys}
         out.update(
             n_samples=n_samples,
             jit=self.resolved_jit,
@@ -263,6 +268,18 @@ def check_fit_options(opts: FitOptions, bayesian: bool) -> None:
         )
     if strategy not in (None, "ddp"):
         raise ValueError(f"fit: strategy must be None or 'ddp', got {strategy!r}")
+    for name in ("devices", "num_nodes"):
+        if (
+            strategy is None
+            and getattr(opts, name) not in (1, [0], "auto")
+            and not (
+                name == "devices" and isinstance(opts.devices, list) and len(opts.devices) == 1
+            )
+        ):
+            raise ValueError(
+                f"fit: {name}={getattr(opts, name)!r} with strategy=None (one process); pass "
+                "strategy='ddp' to train on several devices"
+            )
     for name in ("callback", "on_step"):
         if strategy == "ddp" and getattr(opts, name) is not None:
             raise ValueError(
@@ -272,7 +289,7 @@ def check_fit_options(opts: FitOptions, bayesian: bool) -> None:
     if opts.precision not in PRECISIONS:
         raise ValueError(
             f"fit: precision={opts.precision!r} is not supported with objective={objective!r} "
-            "(the enumerated mixture needs full precision); use '32-true' or '64-true'"
+            "(the enumerated mixture needs float32 and the data are float32); use '32-true'"
         )
     if opts.resume and opts.checkpoint_dir is None:
         raise ValueError("fit: resume=True needs checkpoint_dir")
@@ -300,9 +317,9 @@ def hardware(
         return ("cuda" if torch.cuda.is_available() else "cpu"), devices
     kind, _, index = device.partition(":")
     if kind not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"fit: device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"fit: device={device!r} but this machine has no CUDA device; use 'cpu'")
+        raise ValueError(f"fit: device must be 'auto', 'cpu', 'cuda[:N]' or 'mps', got {device!r}")
+    if kind == "cuda":
+        resolve_device(device)  # one home for "is this device here": lists the devices it has
     if index:
         if devices not in (1, [int(index)]):
             raise ValueError(f"fit: device={device!r} and devices={devices!r} disagree")
@@ -495,6 +512,14 @@ def reset_mixture_for_warmup(net: PIMAModule) -> None:
         )
 
 
+def validated_options(options: dict[str, Any], bayesian: bool) -> FitOptions:
+    """Every check of the options that needs no data: before any model is built."""
+    opts = FitOptions.from_keywords(options)
+    check_fit_options(opts, bayesian)
+    hardware(opts.device, opts.accelerator, opts.devices)
+    return opts
+
+
 def fit(net: PIMAModule, data: MultimodalData, **options: Any) -> History:
     """Train ``net`` on ``data`` in place; returns the :class:`History`. The options are the
     fields of :class:`FitOptions` (an unknown one is a ``TypeError`` that lists them).
@@ -504,8 +529,7 @@ def fit(net: PIMAModule, data: MultimodalData, **options: Any) -> History:
             sites and the parameters involved; the parameters from the start of that epoch are
             restored; no non-finite value is ever written to disk.
     """
-    opts = FitOptions.from_keywords(options)
-    check_fit_options(opts, net.bayesian_globals)
+    opts = validated_options(options, net.bayesian_globals)
     choice = hardware(opts.device, opts.accelerator, opts.devices)
     if opts.num_threads is not None:
         torch.set_num_threads(opts.num_threads)
@@ -558,7 +582,7 @@ def run_loop(
             responsibilities = torch.zeros(train.n_samples, net.n_clusters, dtype=torch.float64)
     loop = LoopOptions(
         opts.batch_size, opts.lr, opts.seed, opts.objective, opts.resolved_jit,
-        opts.subset_training, opts.clip_norm,
+        opts.subset_training, opts.clip_norm, opts.num_threads,
     )  # fmt: skip
     plan = PIMATrainingPlan(
         net, train, schedule, loop, responsibilities, validation, opts.on_step, opts.callback

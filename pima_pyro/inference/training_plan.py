@@ -74,11 +74,13 @@ class LoopOptions:
     jit: bool = False
     subset_training: bool = True
     clip_norm: float | None = 100.0
+    num_threads: int | None = None
 
 
 def epoch_seed(seed: int, epoch: int, step: int = -1) -> int:
-    """Seed of the permutation (``step=-1``) or of a step's draws: distinct per triple."""
-    return (seed * 1_000_003 + epoch) * 100_003 + step + 1
+    """Seed of the permutation (``step=-1``) or of a step's draws: distinct per triple, and
+    inside a generator's 64-bit range for every seed below 2**32."""
+    return ((seed * 1_000_003 + epoch) * 100_003 + step + 1) % 2**63
 
 
 class StepNumbers:
@@ -193,6 +195,8 @@ class PIMATrainingPlan(pl.LightningModule):
         return self._trainable[phase]
 
     def on_fit_start(self) -> None:
+        if self.options.num_threads is not None:  # spawned processes start with torch's default
+            torch.set_num_threads(self.options.num_threads)
         dtype = self.net.mixture.loc.dtype
         self.full = self.data.to_batch(device=self.device, dtype=dtype)
         if self.options.objective == "elbo":
@@ -253,7 +257,11 @@ class PIMATrainingPlan(pl.LightningModule):
         epoch = self.current_epoch
         reduce = self.trainer.strategy.reduce
         total = reduce(self._epoch_total, reduce_op="mean")
-        first_bad = -reduce(-self._first_bad.double(), reduce_op="min")  # the max over ranks
+        # the first bad step over ranks: the smallest non-negative one
+        never = float(self.n_batches)
+        bad = torch.where(self._first_bad >= 0, self._first_bad.double(), torch.full((), never))
+        first_bad = reduce(bad.to(self.device), reduce_op="min")
+        first_bad = -1 if float(first_bad) >= never else first_bad
         value = float(total) / self.n_batches  # one host sync per epoch
         if first_bad >= 0 or not math.isfinite(value):
             self.refuse_non_finite(epoch, int(first_bad))
@@ -281,7 +289,11 @@ class PIMATrainingPlan(pl.LightningModule):
             device=self.device,
             dtype=self.net.mixture.loc.dtype,
         )
-        loss = validation_loss(self.net, batch)
+        if self.options.objective == "closed_form":  # early stopping watches the trained bound
+            with torch.no_grad():
+                loss = float(closed_form_loss(self.net, batch))
+        else:
+            loss = validation_loss(self.net, batch)
         metrics = {"val_loss": float(loss)}
         if self.validation.labels is not None:
             names = self.net.modality_names
