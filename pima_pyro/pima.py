@@ -17,6 +17,7 @@ import xarray as xr
 
 from pima_pyro.data import MultimodalData
 from pima_pyro.files import PIMAFileError, read_file, spec_from_data, spec_to_data, write_file
+from pima_pyro.inference.design import entropy, physics_information_gain
 from pima_pyro.inference.export import ExportOptions, to_arviz, to_datatree
 from pima_pyro.inference.mcmc import MCMCResult, physics_nuts
 from pima_pyro.inference.posterior import (
@@ -286,6 +287,51 @@ class PIMA:
         batch = data.with_modalities(given).to_batch(self.device)
         gen = torch.Generator(device=self.device).manual_seed(seed)
         return cluster_log_posterior(net, batch, given, num_samples, gen).exp().cpu().numpy()
+
+    def expected_information_gain(
+        self,
+        data: MultimodalData,
+        measure: str = "curve",
+        given: Sequence[str] | None = None,
+        about: str = "cluster",
+        num_samples: int = 256,
+        seed: int = 0,
+        return_se: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Expected reduction of the entropy of p(c | ``given``) from measuring the physics
+        modality ``measure`` of each sample (:mod:`pima_pyro.inference.design`; exact over c,
+        Monte Carlo over the predicted measurement). ``given`` defaults to every modality of
+        the model in ``data`` but ``measure``; samples that already have ``measure`` get 0.
+        With ``return_se`` also the Monte-Carlo standard errors. ``about="physics"`` (the
+        information about the physics parameters) is not implemented."""
+        if about != "cluster":
+            raise ValueError(f"about: only 'cluster' is implemented, got {about!r}")
+        net = self._require_fitted()
+        if given is None:
+            given = [n for n in self.specs if n in data.values and n != measure]
+        log_prior = self._cluster_log_posterior(data, given, seed)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        eig, se = physics_information_gain(net, log_prior, measure, num_samples, gen)
+        if measure in data.masks:
+            done = data.masks[measure].to(eig.device)
+            eig, se = torch.where(done, 0.0, eig), torch.where(done, 0.0, se)
+        eig_np, se_np = eig.cpu().numpy(), se.cpu().numpy()
+        return (eig_np, se_np) if return_se else eig_np
+
+    def cluster_entropy(
+        self, data: MultimodalData, given: Sequence[str] | None = None, seed: int = 0
+    ) -> np.ndarray:
+        """Entropy of p(c | ``given``) per sample (N,): the uncertainty-sampling score."""
+        return entropy(self._cluster_log_posterior(data, given, seed)).cpu().numpy()
+
+    def _cluster_log_posterior(
+        self, data: MultimodalData, given: Sequence[str] | None, seed: int
+    ) -> torch.Tensor:
+        net = self._require_fitted()
+        given = self._resolve_given(data, given)
+        batch = data.with_modalities(given).to_batch(self.device)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        return cluster_log_posterior(net, batch, given, 256, gen)
 
     def predict_clusters(
         self, data: MultimodalData, given: Sequence[str] | None = None

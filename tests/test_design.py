@@ -1,0 +1,121 @@
+"""Expected information gain: zero where nothing can be learned, the mutual information of a
+tiny case computed by quadrature, a Monte-Carlo error that shrinks as 1/sqrt(draws), and a
+batch rule that does not pick duplicates."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pima_pyro import PIMA, GaussianModality, LinearThroughOrigin, MultimodalData, PhysicsModality
+from pima_pyro.inference.design import physics_information_gain, select_batch
+
+SLOPES = torch.tensor([[0.0], [1.0], [2.5]])
+NOISE = torch.tensor([0.5, 0.5, 0.8])
+
+
+@pytest.fixture(scope="module")
+def net():
+    rng = np.random.default_rng(0)
+    data = MultimodalData(
+        {"image": rng.random((30, 2, 2)), "curve": rng.normal(size=(30, 1))},
+        grids={"curve": np.array([1.0])},
+    )
+    specs = {
+        "image": GaussianModality(hidden=(4,)),
+        "curve": PhysicsModality(expert=LinearThroughOrigin(), hidden=(4,)),
+    }
+    model = PIMA(specs, n_clusters=3, latent_dim=2)
+    model.fit(data, epochs=1, progress=False, logger=False, num_threads=1)
+    expert = model.module.modalities["curve"].expert
+    expert.set_theta(SLOPES)
+    expert.set_noise_scale(NOISE)
+    return model.module
+
+
+def _eig(net, prior, draws, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return physics_information_gain(net, torch.log(prior), "curve", draws, gen)
+
+
+def test_zero_for_a_certain_cluster_and_for_a_measurement_independent_of_c(net):
+    certain = torch.tensor([[0.0, 1.0, 0.0]])
+    eig, se = _eig(net, certain, 500)
+    assert float(eig[0]) == pytest.approx(0.0, abs=1e-6) and float(se[0]) < 1e-6
+    expert = net.modalities["curve"].expert
+    expert.set_theta(torch.ones(3, 1))
+    expert.set_noise_scale(torch.full((3,), 0.5))
+    try:
+        eig, _ = _eig(net, torch.tensor([[0.2, 0.3, 0.5]]), 500)
+        assert float(eig[0]) == pytest.approx(0.0, abs=1e-6)
+    finally:
+        expert.set_theta(SLOPES)
+        expert.set_noise_scale(NOISE)
+
+
+def _mutual_information_by_quadrature(prior: np.ndarray) -> float:
+    """I(c; y) for y | c ~ N(slope_c * 1, noise_c^2) on a fine grid (brute force)."""
+    y = np.linspace(-6.0, 8.0, 200_001)
+    slopes, noise = SLOPES[:, 0].numpy().astype(float), NOISE.numpy().astype(float)
+    dens = np.exp(-0.5 * ((y[None] - slopes[:, None]) / noise[:, None]) ** 2) / (
+        noise[:, None] * math.sqrt(2 * math.pi)
+    )
+    marginal = prior @ dens
+    integrand = (prior[:, None] * dens * np.log(dens / marginal)).sum(0)
+    return float(np.trapezoid(integrand, y))
+
+
+def test_equals_the_mutual_information_of_a_tiny_case(net):
+    prior = np.array([0.5, 0.3, 0.2])
+    truth = _mutual_information_by_quadrature(prior)
+    eig, se = _eig(net, torch.tensor(prior[None], dtype=torch.float32), 40_000)
+    print(f"EIG {float(eig[0]):.4f} +- {float(se[0]):.4f}; quadrature {truth:.4f}")
+    assert abs(float(eig[0]) - truth) < 4 * float(se[0]) + 1e-3
+    assert 0.0 < truth < float(-(prior * np.log(prior)).sum())  # below the entropy
+
+
+def test_monte_carlo_error_shrinks_as_one_over_root_draws(net):
+    prior = torch.tensor([[0.4, 0.4, 0.2]])
+    spread = {}
+    for draws in (100, 1600):
+        estimates = [float(_eig(net, prior, draws, seed)[0][0]) for seed in range(40)]
+        spread[draws] = float(np.std(estimates))
+        reported = float(_eig(net, prior, draws, 0)[1][0])
+        assert 0.6 < reported / spread[draws] < 1.6  # the reported error is the real one
+    assert 2.8 < spread[100] / spread[1600] < 5.7  # sqrt(1600 / 100) = 4
+
+
+def test_batch_selection_discounts_duplicates():
+    probs = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    scores = np.array([1.0, 0.99, 0.5])
+    assert select_batch(scores, probs, 2).tolist() == [0, 2]  # not the duplicate of 0
+    assert select_batch(scores, probs, 3).tolist() == [0, 2, 1]
+    with pytest.raises(ValueError, match="size"):
+        select_batch(scores, probs, 4)
+
+
+def test_the_model_method_refuses_what_it_cannot_do_and_zeroes_measured_rows(net):
+    rng = np.random.default_rng(1)
+    mask = np.arange(30) % 2 == 0
+    data = MultimodalData(
+        {"image": rng.random((30, 2, 2)), "curve": rng.normal(size=(30, 1))},
+        grids={"curve": np.array([1.0])},
+        masks={"curve": mask},
+    )
+    model = PIMA(
+        {"image": GaussianModality(hidden=(4,)),
+         "curve": PhysicsModality(expert=LinearThroughOrigin(), hidden=(4,))},
+        n_clusters=3, latent_dim=2,
+    )  # fmt: skip
+    model.module = net
+    eig, se = model.expected_information_gain(data, measure="curve", num_samples=64, return_se=True)
+    assert eig.shape == (30,) and np.all(eig[mask] == 0) and np.all(eig[~mask] >= -1e-6)
+    entropy = model.cluster_entropy(data, given=["image"])
+    assert np.all(eig[~mask] <= entropy[~mask] + 4 * se[~mask] + 1e-6)  # I(c; y) <= H(c)
+    with pytest.raises(ValueError, match="measure: 'image' is not a physics modality"):
+        model.expected_information_gain(data, measure="image")
+    with pytest.raises(ValueError, match="about"):
+        model.expected_information_gain(data, about="physics")
