@@ -119,3 +119,23 @@ def test_the_model_method_refuses_what_it_cannot_do_and_zeroes_measured_rows(net
         model.expected_information_gain(data, measure="image")
     with pytest.raises(ValueError, match="about"):
         model.expected_information_gain(data, about="physics")
+
+
+def test_the_measurement_loop_measures_a_batch_per_round_by_each_strategy():
+    from pima_pyro.datasets import affine_modalities, digits_affine
+    from pima_pyro.design import measurement_loop
+
+    data = digits_affine(seed=0).subset(np.arange(120))
+    known = np.zeros(120, dtype=bool)
+    known[:12] = True
+    for strategy in ("eig", "entropy", "random"):
+        model = PIMA(affine_modalities(hidden=(16,)), n_clusters=10, latent_dim=2)
+        history = measurement_loop(
+            model, data, "curve", known, strategy, batch=12, rounds=2,
+            evaluate=lambda m: {"weights": m.mixture_parameters()["weights"].sum()},
+            fit_options={"epochs": 2, "batch_size": 32, "em_starts": 1}, seed=0,
+        )  # fmt: skip
+        assert [r["fraction"] for r in history] == [0.1, 0.2, 0.3]
+        assert all(abs(r["weights"] - 1.0) < 1e-4 for r in history)
+    with pytest.raises(ValueError, match="strategy"):
+        measurement_loop(model, data, "curve", known, "greedy", 12, 1, evaluate=dict)
