@@ -584,6 +584,7 @@ def run_loop(
         opts.batch_size, opts.lr, opts.seed, opts.objective, opts.resolved_jit,
         opts.subset_training, opts.clip_norm, opts.num_threads,
     )  # fmt: skip
+    net.train()  # a refit starts from a module a previous fit left in eval mode
     plan = PIMATrainingPlan(
         net, train, schedule, loop, responsibilities, validation, opts.on_step, opts.callback
     )
