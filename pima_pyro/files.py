@@ -23,6 +23,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -215,19 +216,24 @@ def write_file(
     atomic_torch_save(payload, path)
 
 
-def atomic_torch_save(obj: object, path: str | os.PathLike[str]) -> None:
-    """``torch.save`` to ``<name>.<random>.tmp`` beside ``path``, then rename: a kill during
-    the write leaves the old file (and a temporary, which the next fit removes)."""
+def atomic_write(path: str | os.PathLike[str], write: Callable[[str], object]) -> None:
+    """``write(tmp)`` on ``<name>.<random>.tmp`` beside ``path``, then rename it to ``path``: a
+    kill during the write leaves the old file (and a temporary, which the next fit removes)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_torch_save(obj: object, path: str | os.PathLike[str]) -> None:
+    """``torch.save`` through :func:`atomic_write`."""
+    atomic_write(path, partial(torch.save, obj))
 
 
 def read_file(path: str | os.PathLike[str]) -> tuple[dict, dict[str, torch.Tensor]]:

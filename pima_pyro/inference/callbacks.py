@@ -6,7 +6,7 @@ import logging
 import os
 import random
 import shutil
-import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Checkpoint
 
-from pima_pyro.files import atomic_torch_save
+from pima_pyro.files import atomic_torch_save, atomic_write
 
 
 def numpy_state_as_tensors() -> dict[str, Any]:
@@ -84,15 +84,7 @@ class RNGStateCallback(pl.Callback):
 def keep_previous(path: str | os.PathLike[str]) -> None:
     """Copy ``path`` to :func:`previous_checkpoint` atomically; ``path`` itself stays in place
     until the new checkpoint replaces it, so a kill at any moment leaves a good file."""
-    previous = previous_checkpoint(path)
-    fd, tmp = tempfile.mkstemp(dir=previous.parent, prefix=f"{Path(path).name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        shutil.copyfile(path, tmp)
-        os.replace(tmp, previous)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(previous_checkpoint(path), partial(shutil.copyfile, path))
 
 
 def previous_checkpoint(path: str | os.PathLike[str]) -> Path:

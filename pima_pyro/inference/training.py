@@ -370,9 +370,10 @@ def resume_point(path: Path, fingerprint: dict[str, Any]) -> tuple[Path, dict[st
 
 
 def remove_stale_temporaries(directory: Path) -> None:
-    """Temporary files a killed write left behind (``checkpoint.ckpt.*.tmp``)."""
-    for stale in directory.glob(f"{CHECKPOINT_NAME}.ckpt.*.tmp"):
-        stale.unlink(missing_ok=True)
+    """Temporary files a killed write left behind (``checkpoint[.prev].ckpt.*.tmp``)."""
+    for pattern in (f"{CHECKPOINT_NAME}.ckpt.*.tmp", f"{CHECKPOINT_NAME}.prev.ckpt.*.tmp"):
+        for stale in directory.glob(pattern):
+            stale.unlink(missing_ok=True)
 
 
 class CheckpointMetadata(pl.Callback):
