@@ -278,15 +278,12 @@ class PIMA:
         digits demo the largest standard deviation of a probability across query seeds was
         0.0061 at 256 draws, 0.014 at 64; ``benchmarks/query_mc_error.py``).
         """
-        net = self._require_fitted()
+        self._require_fitted()
         if not isinstance(num_samples, int) or num_samples < 0:
             raise ValueError(
                 f"cluster_posterior: num_samples must be an int >= 0, got {num_samples!r}"
             )
-        given = self._resolve_given(data, given)
-        batch = data.with_modalities(given).to_batch(self.device)
-        gen = torch.Generator(device=self.device).manual_seed(seed)
-        return cluster_log_posterior(net, batch, given, num_samples, gen).exp().cpu().numpy()
+        return self._cluster_log_posterior(data, given, seed, num_samples).exp().cpu().numpy()
 
     def expected_information_gain(
         self,
@@ -325,13 +322,18 @@ class PIMA:
         return entropy(self._cluster_log_posterior(data, given, seed)).cpu().numpy()
 
     def _cluster_log_posterior(
-        self, data: MultimodalData, given: Sequence[str] | None, seed: int
+        self,
+        data: MultimodalData,
+        given: Sequence[str] | None,
+        seed: int,
+        num_samples: int = 256,
     ) -> torch.Tensor:
+        """log p(c | ``given``), (N, K): the one body of every cluster query."""
         net = self._require_fitted()
         given = self._resolve_given(data, given)
         batch = data.with_modalities(given).to_batch(self.device)
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        return cluster_log_posterior(net, batch, given, 256, gen)
+        return cluster_log_posterior(net, batch, given, num_samples, gen)
 
     def predict_clusters(
         self, data: MultimodalData, given: Sequence[str] | None = None
