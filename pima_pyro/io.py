@@ -97,8 +97,7 @@ def from_xarray(
             masks[name] = np.asarray(dataset[mask_name].values, dtype=bool)
         else:
             masks[name] = ~np.isnan(raw.reshape(raw.shape[0], -1)).any(1)
-        raw = np.where(masks[name].reshape(-1, *[1] * (raw.ndim - 1)), raw, 0.0)
-        values[name] = raw
+        values[name] = raw  # MultimodalData zeroes what the mask leaves out
         if name in physics:
             grids[name] = _grid(dataset, array, name, physics[name])
     label_values = None

@@ -199,6 +199,9 @@ class PIMATrainingPlan(pl.LightningModule):
             torch.set_num_threads(self.options.num_threads)
         dtype = self.net.mixture.loc.dtype
         self.full = self.data.to_batch(device=self.device, dtype=dtype)
+        self.validation_batch = (
+            None if self.validation is None else self.validation.to_batch(self.device, dtype)
+        )
         if self.options.objective == "elbo":
             self._objective = per_sample_loss(self.net, self.full.n_total, self.options.jit)
         else:
@@ -279,8 +282,8 @@ class PIMATrainingPlan(pl.LightningModule):
 
     # ---- validation --------------------------------------------------------------------------
     def validation_step(self, step: int, batch_idx: int) -> None:
-        assert self.validation is not None
-        batch = self.validation.to_batch(device=self.device, dtype=self.net.mixture.loc.dtype)
+        assert self.validation is not None and self.validation_batch is not None
+        batch = self.validation_batch  # on the device once per fit; the noise is drawn here
         gen = torch.Generator(device=self.device).manual_seed(self.options.seed)
         batch.noise = torch.randn(
             batch.size,
