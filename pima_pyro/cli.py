@@ -27,7 +27,7 @@ DEMO_DEFAULTS: dict[str, dict[str, object]] = {
         "image_network": "mlp",
     },
     "mnist": {
-        "epochs": 50,
+        "epochs": 12,
         "batch_size": 256,
         "lr": 2e-3,
         "latent_dim": 8,

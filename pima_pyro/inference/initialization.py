@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -140,6 +140,7 @@ def physics_mixture_em(
     split_merge: bool = True,
     prune: bool = False,
     start_features: np.ndarray | None = None,
+    start_rows: int | None = 5000,
 ) -> EMResult:
     """EM for the mixture of physics experts (float64), in three stages:
 
@@ -153,6 +154,11 @@ def physics_mixture_em(
 
     Experts that are not linear in theta take at most 50 EM iterations per run, each M-step an
     L-BFGS solve.
+
+    With more than ``start_rows`` samples with a curve, stages 1 and 2 run on a random
+    ``start_rows`` of them (seeded) and EM on all samples then starts from the E-step of the
+    winner's parameters: the search costs the same for 60,000 curves as for 5,000 (MNIST: the
+    start took 129 s of a 160 s fit). ``None`` searches on every sample.
 
     ``start_features`` (N, F), e.g. :func:`summary_features` of the images, add ``n_starts``
     starts (quantiles of the first principal direction, then k-means++) on the per-curve
@@ -185,8 +191,39 @@ def physics_mixture_em(
         tol=tol,
     )
     feats = _start_features(data)
-    rows = np.flatnonzero(any_observed.cpu().numpy())  # samples without a curve start uniform
     rng = np.random.default_rng(seed)
+    rows = np.flatnonzero(any_observed.cpu().numpy())  # samples without a curve start uniform
+    if start_rows is not None and rows.size > start_rows:  # search on a subsample, then refine
+        rows = np.sort(rng.choice(rows, start_rows, replace=False))
+        search = _rows_of(data, torch.as_tensor(rows, device=device))
+        extra = None if start_features is None else start_features[rows]
+        best = _best_start(
+            search, feats[rows], np.arange(rows.size), extra, n_clusters, n_starts, rng
+        )
+        if split_merge and n_clusters > 2:
+            best = split_and_merge(best, search, feats[rows])
+        best = _refine_on_all_rows(best, data)
+    else:
+        best = _best_start(data, feats, rows, start_features, n_clusters, n_starts, rng)
+        if split_merge and n_clusters > 2:
+            best = split_and_merge(best, data, feats)
+    if prune and n_clusters > 1:
+        best = prune_clusters(best, data)
+    return best
+
+
+def _best_start(
+    data: _EMData,
+    feats: np.ndarray,
+    rows: np.ndarray,
+    start_features: np.ndarray | None,
+    n_clusters: int,
+    n_starts: int,
+    rng: np.random.Generator,
+) -> EMResult:
+    """EM from every start partition of the ``rows`` with a curve (on the per-curve estimates
+    ``feats``, and joined with ``start_features``); the highest log-likelihood wins."""
+    device = data.any_observed.device
     starts = _start_partitions(feats[rows], n_clusters, n_starts, rng)
     if start_features is not None:  # proposals only: the physics likelihood picks the start
         joint = np.concatenate([feats, start_features], axis=1)[rows]
@@ -202,10 +239,6 @@ def physics_mixture_em(
         if best is None or result.log_likelihood > best.log_likelihood:
             best = result
     assert best is not None
-    if split_merge and n_clusters > 2:
-        best = split_and_merge(best, data, feats)
-    if prune and n_clusters > 1:
-        best = prune_clusters(best, data)
     return best
 
 
@@ -251,15 +284,7 @@ def _em_from_responsibilities(
                     experts[name], t[name], y[name], w, theta[name], steps=50
                 )
             noise2[name] = s2.clamp_min(data.floors[name])
-        # E-step
-        log_joint = log_weights_of(weights, active).expand(resp.shape).clone()
-        for name in y:
-            means = experts[name].expected_curve(theta[name], t[name])
-            ll = cluster_log_likelihood(y[name], means, noise2[name].sqrt())
-            log_joint = log_joint + ll * m[name][:, None]
-        log_norm = marginalize_clusters(log_joint)
-        resp = torch.exp(cluster_log_posterior_from_joint(log_joint))
-        total = float(log_norm[data.any_observed].sum())
+        resp, total = _e_step(data, weights, active, theta, noise2)
         if abs(total - previous) <= data.tol * abs(total):
             break
         previous = total
@@ -272,6 +297,43 @@ def _em_from_responsibilities(
         n_iter=n_iter,
         active=active.clone(),
     )
+
+
+def _e_step(
+    data: _EMData,
+    weights: torch.Tensor,
+    active: torch.Tensor,
+    theta: Mapping[str, torch.Tensor],
+    noise2: Mapping[str, torch.Tensor],
+) -> tuple[torch.Tensor, float]:
+    """Responsibilities (N, K) and the total log-likelihood of the samples with a curve."""
+    n = data.any_observed.shape[0]
+    log_joint = log_weights_of(weights, active).expand(n, -1).clone()
+    for name in data.y:
+        means = data.experts[name].expected_curve(theta[name], data.t[name])
+        ll = cluster_log_likelihood(data.y[name], means, noise2[name].sqrt())
+        log_joint = log_joint + ll * data.m[name][:, None]
+    log_norm = marginalize_clusters(log_joint)
+    resp = torch.exp(cluster_log_posterior_from_joint(log_joint))
+    return resp, float(log_norm[data.any_observed].sum())
+
+
+def _rows_of(data: _EMData, rows: torch.Tensor) -> _EMData:
+    """The same EM problem on the samples ``rows`` only."""
+    return replace(
+        data,
+        y={n: v[rows] for n, v in data.y.items()},
+        m={n: v[rows] for n, v in data.m.items()},
+        any_observed=data.any_observed[rows],
+    )
+
+
+def _refine_on_all_rows(result: EMResult, data: _EMData) -> EMResult:
+    """EM on every sample, started from the E-step of ``result``'s parameters (a fit on a
+    subsample of them)."""
+    noise2 = {n: v**2 for n, v in result.noise_scale.items()}
+    resp, _ = _e_step(data, result.weights, result.active, result.theta, noise2)
+    return _em_from_responsibilities(resp, data, result.active)
 
 
 def summary_features(

@@ -96,6 +96,12 @@ class FitOptions:
             physics mixture's BIC, so that a K above the data's leaves the surplus empty. Only
             with a physics modality; pass ``False`` when clusters share one physics law and
             only other modalities tell them apart.
+        cross_modal_weight: weight of the cross-modal cluster term
+            (:mod:`~pima_pyro.inference.cross_modal`): on samples with a data modality and a
+            physics modality observed, the cross-entropy from the exact physics cluster
+            posterior to the one each data encoder implies alone. It trains the encoders
+            only (the generative parameters follow the ELBO alone); ``0`` trains on the
+            plain ELBO. The logged ``train_loss`` is the -ELBO either way.
         objective: ``"elbo"`` (Pyro's enumerated ELBO) or ``"closed_form"`` (the seed's
             closed-form mixture terms, :mod:`pima_pyro.inference.closed_form`).
         jit: use ``JitTraceEnum_ELBO`` (default for ``objective="elbo"``; refused with
@@ -142,6 +148,7 @@ class FitOptions:
     progress: bool = True
     em_starts: int = 10
     prune_clusters: bool = False
+    cross_modal_weight: float = 1.0
     clip_norm: float | None = 100.0
     callback: Callable[[int, float], None] | None = None
     checkpoint_dir: str | os.PathLike[str] | None = None
@@ -186,6 +193,8 @@ class FitOptions:
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), 0 if "epochs" in name else 1)
         _check_positive("lr", self.lr)
+        _check_non_negative("cross_modal_weight", self.cross_modal_weight)
+        self.cross_modal_weight = float(self.cross_modal_weight)
         if self.clip_norm is not None:
             _check_positive("clip_norm", self.clip_norm)
             self.clip_norm = float(self.clip_norm)
@@ -213,6 +222,7 @@ class FitOptions:
             "prune_clusters",
             "validation_fraction",
             "em_starts",
+            "cross_modal_weight",
         )
         out: dict[str, Any] = {k: getattr(self, k) for k in keys}
         out.update(
@@ -241,6 +251,13 @@ def _check_positive(name: str, value: object) -> None:
         raise TypeError(f"fit: {name} must be a number, got {value!r}")
     if not (math.isfinite(float(value)) and float(value) > 0):
         raise ValueError(f"fit: {name} must be a finite number > 0, got {value!r}")
+
+
+def _check_non_negative(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"fit: {name} must be a number, got {value!r}")
+    if not (math.isfinite(float(value)) and float(value) >= 0):
+        raise ValueError(f"fit: {name} must be a finite number >= 0, got {value!r}")
 
 
 def data_digest(data: MultimodalData) -> str:
@@ -583,7 +600,7 @@ def run_loop(
             responsibilities = torch.zeros(train.n_samples, net.n_clusters, dtype=torch.float64)
     loop = LoopOptions(
         opts.batch_size, opts.lr, opts.seed, opts.objective, opts.resolved_jit,
-        opts.subset_training, opts.clip_norm, opts.num_threads,
+        opts.subset_training, opts.clip_norm, opts.num_threads, opts.cross_modal_weight,
     )  # fmt: skip
     net.train()  # a refit starts from a module a previous fit left in eval mode
     plan = PIMATrainingPlan(

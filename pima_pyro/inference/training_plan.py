@@ -33,6 +33,7 @@ import torch
 
 from pima_pyro.data import Batch, MultimodalData
 from pima_pyro.inference.closed_form import closed_form_loss
+from pima_pyro.inference.cross_modal import cross_modal_loss, has_cross_modal_term
 from pima_pyro.inference.initialization import mixture_from_embeddings
 from pima_pyro.inference.posterior import cluster_log_posterior, latent_posterior
 from pima_pyro.inference.svi import (
@@ -75,6 +76,7 @@ class LoopOptions:
     subset_training: bool = True
     clip_norm: float | None = 100.0
     num_threads: int | None = None
+    cross_modal_weight: float = 1.0
 
 
 def epoch_seed(seed: int, epoch: int, step: int = -1) -> int:
@@ -238,19 +240,30 @@ class PIMATrainingPlan(pl.LightningModule):
         idx = self._epoch_batches[step]
         phase = self.schedule.phase_of(epoch)
         optimizer = self.optimizers()[PHASES.index(phase)]
-        loss = self._objective(self.rank_batch(idx, epoch, step))
+        objective, loss = self.step_objective(self.rank_batch(idx, epoch, step))
         self.net.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
+        self.manual_backward(objective)
         self.clip_gradients_of(phase)
         optimizer.step()
         loss = loss.detach()
-        bad_now = (~torch.isfinite(loss)) & (self._first_bad < 0)
+        bad_now = (~torch.isfinite(objective.detach())) & (self._first_bad < 0)
         self._first_bad = torch.where(
             bad_now, torch.full_like(self._first_bad, step), self._first_bad
         )
         self._epoch_total = self._epoch_total + loss
         if self.on_step is not None:
             self.on_step(epoch, step)
+
+    def step_objective(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(objective, loss)``: what a step minimises, and its -ELBO per sample (logged).
+        The objective adds the weighted cross-modal cluster term
+        (:mod:`~pima_pyro.inference.cross_modal`), whose gradient reaches the encoders only."""
+        assert self._objective is not None
+        loss = self._objective(batch)
+        weight = self.options.cross_modal_weight
+        if weight == 0.0 or not has_cross_modal_term(self.net):
+            return loss, loss
+        return loss + weight * cross_modal_loss(self.net, batch), loss
 
     def clip_gradients_of(self, phase: str) -> None:
         if self.options.clip_norm is not None:
@@ -362,9 +375,9 @@ class PIMATrainingPlan(pl.LightningModule):
             batch = self.rank_batch(idx, epoch, step)
             if step == bad_step:
                 return describe_nonfinite(self.net, batch)
-            loss = self._objective(batch)
+            objective, _ = self.step_objective(batch)
             self.net.zero_grad(set_to_none=True)
-            loss.backward()
+            objective.backward()
             self.clip_gradients_of(self.schedule.phase_of(epoch))
             optimizer.step()
             if self.on_step is not None:

@@ -61,6 +61,19 @@ def log_mean_exp(log_values: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.logsumexp(log_values, dim=dim) - math.log(log_values.shape[dim])
 
 
+def expected_normal_log_prob(
+    loc: torch.Tensor, var: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor
+) -> torch.Tensor:
+    r""":math:`\mathbb E_{\mathcal N(z; m, \operatorname{diag} v)} \log \mathcal N(z; \mu_c,
+    \sigma_c^2) = -\tfrac12 \sum_d [\log 2\pi\sigma_{cd}^2 + (v_d + (m_d - \mu_{cd})^2) /
+    \sigma_{cd}^2]` for ``loc``/``var`` (N, D) and components ``mu``/``sigma`` (K, D): (N, K)."""
+    sigma2 = sigma**2
+    return -0.5 * (
+        torch.log(2 * math.pi * sigma2)[None]
+        + (var[:, None, :] + (loc[:, None, :] - mu[None]) ** 2) / sigma2[None]
+    ).sum(-1)
+
+
 def _inverse_softplus(x: torch.Tensor) -> torch.Tensor:
     return x + torch.log(-torch.expm1(-x))
 
@@ -110,11 +123,7 @@ class GaussianMixturePrior(nn.Module):
         r""":math:`\mathbb E_{\mathcal N(z; m, \operatorname{diag} v)} \log \mathcal N(z; \mu_c,
         \sigma_c^2) = -\tfrac12 \sum_d [\log 2\pi\sigma_{cd}^2 + (v_d + (m_d - \mu_{cd})^2) /
         \sigma_{cd}^2]` in closed form, for ``loc``/``var`` (N, D): (N, K)."""
-        sigma2 = self.scale**2
-        return -0.5 * (
-            torch.log(2 * math.pi * sigma2)[None]
-            + (var[:, None, :] + (loc[:, None, :] - self.loc[None]) ** 2) / sigma2[None]
-        ).sum(-1)
+        return expected_normal_log_prob(loc, var, self.loc, self.scale)
 
     def component(self, c: torch.Tensor | None = None) -> dist.Distribution:
         r""":math:`p(z \mid c) = \mathcal N(\mu_c, \operatorname{diag}\sigma_c^2)`, event shape
