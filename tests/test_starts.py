@@ -319,3 +319,18 @@ def test_collapsed_encoder_is_measured_and_reported():
         net.modalities["x"].encoder.head.loc.weight.zero_()
     with pytest.warns(UserWarning, match=r"\['x'\] ignores its input"):
         warn_collapsed_encoders(net, batch)
+
+
+def test_starts_searched_on_a_subsample_reach_the_full_search_optimum_on_every_row():
+    t = torch.linspace(0, 1, 20, dtype=torch.float64)
+    y, labels = _lines([0.0, 2.0, 4.0, 6.0], 150, 0.5, 3, t)
+    mask = torch.ones(y.shape[0], dtype=torch.bool)
+    mask[::7] = False  # rows without a curve stay out of the subsample and start uniform
+    args = ({"y": y}, {"y": mask}, {"y": LinearThroughOrigin()}, {"y": t}, 4)
+    full = physics_mixture_em(*args, start_rows=None)
+    sub = physics_mixture_em(*args, start_rows=60)
+    assert sub.responsibilities.shape == full.responsibilities.shape == (y.shape[0], 4)
+    assert sub.log_likelihood == pytest.approx(full.log_likelihood, rel=1e-6)
+    np.testing.assert_allclose(
+        sorted(sub.theta["y"][:, 0].tolist()), sorted(full.theta["y"][:, 0].tolist()), rtol=1e-5
+    )

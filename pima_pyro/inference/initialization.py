@@ -193,23 +193,35 @@ def physics_mixture_em(
     feats = _start_features(data)
     rng = np.random.default_rng(seed)
     rows = np.flatnonzero(any_observed.cpu().numpy())  # samples without a curve start uniform
-    if start_rows is not None and rows.size > start_rows:  # search on a subsample, then refine
-        rows = np.sort(rng.choice(rows, start_rows, replace=False))
-        search = _rows_of(data, torch.as_tensor(rows, device=device))
-        extra = None if start_features is None else start_features[rows]
-        best = _best_start(
-            search, feats[rows], np.arange(rows.size), extra, n_clusters, n_starts, rng
-        )
-        if split_merge and n_clusters > 2:
-            best = split_and_merge(best, search, feats[rows])
+    search, search_feats, rows, extra = _search_problem(
+        data, feats, rows, start_features, start_rows, rng
+    )
+    best = _best_start(search, search_feats, rows, extra, n_clusters, n_starts, rng)
+    if split_merge and n_clusters > 2:
+        best = split_and_merge(best, search, search_feats)
+    if search is not data:
         best = _refine_on_all_rows(best, data)
-    else:
-        best = _best_start(data, feats, rows, start_features, n_clusters, n_starts, rng)
-        if split_merge and n_clusters > 2:
-            best = split_and_merge(best, data, feats)
     if prune and n_clusters > 1:
         best = prune_clusters(best, data)
     return best
+
+
+def _search_problem(
+    data: _EMData,
+    feats: np.ndarray,
+    rows: np.ndarray,
+    start_features: np.ndarray | None,
+    start_rows: int | None,
+    rng: np.random.Generator,
+) -> tuple[_EMData, np.ndarray, np.ndarray, np.ndarray | None]:
+    """The problem the starts and split-and-merge search: ``data`` itself, or a random
+    ``start_rows`` of its samples with a curve (then every row of it has one)."""
+    if start_rows is None or rows.size <= start_rows:
+        return data, feats, rows, start_features
+    keep = np.sort(rng.choice(rows, start_rows, replace=False))
+    search = _rows_of(data, torch.as_tensor(keep, device=data.any_observed.device))
+    extra = None if start_features is None else start_features[keep]
+    return search, feats[keep], np.arange(keep.size), extra
 
 
 def _best_start(
