@@ -51,7 +51,9 @@ def _by_hand(net, batch) -> float:
 def test_cross_modal_loss_equals_the_hand_computed_cross_entropy():
     net = tiny_module()
     batch = tiny_batch(net)
-    assert float(cross_modal_loss(net, batch).detach()) == pytest.approx(_by_hand(net, batch), rel=1e-10)
+    assert float(cross_modal_loss(net, batch).detach()) == pytest.approx(
+        _by_hand(net, batch), rel=1e-10
+    )
 
 
 def test_rows_without_a_pair_contribute_nothing():

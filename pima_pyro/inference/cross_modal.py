@@ -51,9 +51,7 @@ def physics_targets(net: PIMAModule, batch: Batch) -> tuple[torch.Tensor, torch.
     return log_r.exp(), paired
 
 
-def encoder_cluster_log_posterior(
-    net: PIMAModule, name: str, values: torch.Tensor
-) -> torch.Tensor:
+def encoder_cluster_log_posterior(net: PIMAModule, name: str, values: torch.Tensor) -> torch.Tensor:
     r""":math:`\log \tilde q_d(c \mid x)` (B, K) for data modality ``name`` alone, with the
     mixture held fixed (gradient to the encoder only)."""
     observed = torch.ones(values.shape[0], dtype=torch.bool, device=values.device)
