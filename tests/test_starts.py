@@ -334,3 +334,13 @@ def test_starts_searched_on_a_subsample_reach_the_full_search_optimum_on_every_r
     np.testing.assert_allclose(
         sorted(sub.theta["y"][:, 0].tolist()), sorted(full.theta["y"][:, 0].tolist()), rtol=1e-5
     )
+
+
+def test_a_start_search_smaller_than_k_is_refused():
+    t = torch.linspace(0, 1, 20, dtype=torch.float64)
+    y, _ = _lines([0.0, 2.0, 4.0], 20, 0.5, 3, t)
+    mask = torch.ones(y.shape[0], dtype=torch.bool)
+    with pytest.raises(ValueError, match="start_rows must be >= n_clusters=3"):
+        physics_mixture_em(
+            {"y": y}, {"y": mask}, {"y": LinearThroughOrigin()}, {"y": t}, 3, start_rows=2
+        )

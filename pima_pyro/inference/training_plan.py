@@ -363,18 +363,27 @@ class PIMATrainingPlan(pl.LightningModule):
             cause = self.replay_until(epoch, bad_step)
             self.restore(self._snapshot)
         raise NonFiniteELBOError(
-            f"fit: the ELBO became non-finite at epoch {epoch}, step {bad_step} ({phase} "
+            f"fit: the training objective became non-finite at epoch {epoch}, step {bad_step} ({phase} "
             f"phase): {cause}. The parameters from the start of epoch {epoch} (the last good "
             "state) were restored; the last checkpoint written holds the last good state "
             "saved before it."
         )
+
+    def describe_step(self, batch: Batch) -> str:
+        """The ELBO's diagnosis, and whether the cross-modal term was finite."""
+        cause = describe_nonfinite(self.net, batch)
+        if self.options.cross_modal_weight and has_cross_modal_term(self.net):
+            with torch.no_grad():
+                finite = bool(torch.isfinite(cross_modal_loss(self.net, batch)))
+            cause += f"; cross-modal term {'finite' if finite else 'NON-FINITE'}"
+        return cause
 
     def replay_until(self, epoch: int, bad_step: int) -> str:
         optimizer = self.trainer.optimizers[PHASES.index(self.schedule.phase_of(epoch))]
         for step, idx in enumerate(self.epoch_index_batches(epoch)):
             batch = self.rank_batch(idx, epoch, step)
             if step == bad_step:
-                return describe_nonfinite(self.net, batch)
+                return self.describe_step(batch)
             objective, _ = self.step_objective(batch)
             self.net.zero_grad(set_to_none=True)
             objective.backward()
