@@ -363,8 +363,8 @@ class PIMATrainingPlan(pl.LightningModule):
             cause = self.replay_until(epoch, bad_step)
             self.restore(self._snapshot)
         raise NonFiniteELBOError(
-            f"fit: the training objective became non-finite at epoch {epoch}, step {bad_step} ({phase} "
-            f"phase): {cause}. The parameters from the start of epoch {epoch} (the last good "
+            f"fit: the training objective became non-finite at epoch {epoch}, step "
+            f"{bad_step} ({phase} phase): {cause}. The parameters from the start of epoch {epoch} (the last good "
             "state) were restored; the last checkpoint written holds the last good state "
             "saved before it."
         )
