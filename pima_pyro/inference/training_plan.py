@@ -364,9 +364,9 @@ class PIMATrainingPlan(pl.LightningModule):
             self.restore(self._snapshot)
         raise NonFiniteELBOError(
             f"fit: the training objective became non-finite at epoch {epoch}, step "
-            f"{bad_step} ({phase} phase): {cause}. The parameters from the start of epoch {epoch} (the last good "
-            "state) were restored; the last checkpoint written holds the last good state "
-            "saved before it."
+            f"{bad_step} ({phase} phase): {cause}. The parameters from the start of epoch "
+            f"{epoch} (the last good state) were restored; the last checkpoint written holds "
+            "the last good state saved before it."
         )
 
     def describe_step(self, batch: Batch) -> str:
