@@ -14,7 +14,7 @@ import torch
 from pima_pyro import PIMA, Custom, GaussianModality, LinearThroughOrigin, PhysicsModality
 from pima_pyro.datasets import digits_physics
 from pima_pyro.inference.initialization import (
-    _em_from_responsibilities,
+    em_from_responsibilities,
     _EMData,
     physics_mixture_em,
     split_and_merge,
@@ -120,7 +120,7 @@ def test_split_and_merge_escapes_two_clusters_on_one_line():
     data = _em_data(y, t, LinearThroughOrigin())
     resp = torch.zeros(150, 3, dtype=torch.float64)
     resp[:25, 0] = resp[25:50, 1] = resp[50:, 2] = 1.0
-    stuck = _em_from_responsibilities(resp, data, torch.ones(3, dtype=torch.bool))
+    stuck = em_from_responsibilities(resp, data, torch.ones(3, dtype=torch.bool))
     assert sorted(stuck.theta["y"][:, 0].round().tolist()) != [0.0, 3.0, 6.0]
     fixed = split_and_merge(stuck, data, y.sum(1, keepdim=True).numpy())
     assert fixed.log_likelihood > stuck.log_likelihood + 100
@@ -295,7 +295,7 @@ def test_summary_starts_reach_the_better_physics_optimum_on_close_decays():
     em_data = _em_data(y, train.grids["curve"].double(), ExponentialDecay().bind(10))
     em_data.max_iter = 50
     truth = torch.nn.functional.one_hot(train.labels, 10).double()
-    reference = _em_from_responsibilities(truth, em_data, torch.ones(10, dtype=torch.bool))
+    reference = em_from_responsibilities(truth, em_data, torch.ones(10, dtype=torch.bool))
     assert alone.log_likelihood < reference.log_likelihood - 1.0
     assert proposed.log_likelihood >= reference.log_likelihood - 0.1
 

@@ -127,6 +127,33 @@ def _start_features(data: _EMData) -> np.ndarray:
     return np.clip(centred / (spread + 1e-12), -10.0, 10.0)
 
 
+def em_problem(
+    curves: Mapping[str, torch.Tensor],
+    masks: Mapping[str, torch.Tensor],
+    experts: Mapping[str, PhysicsExpert],
+    grids: Mapping[str, torch.Tensor],
+    max_iter: int = 300,
+    tol: float = 1e-7,
+) -> _EMData:
+    """The inputs every EM run on these curves shares (float64; experts that are not linear
+    in theta take at most 50 iterations per run)."""
+    device = next(iter(curves.values())).device
+    y = {n: v.double() for n, v in curves.items()}
+    m = {n: masks[n].to(device) for n in curves}
+    if not all(e.is_linear for e in experts.values()):
+        max_iter = min(max_iter, 50)
+    return _EMData(
+        y=y,
+        m=m,
+        t={n: grids[n].double().to(device) for n in curves},
+        experts=experts,
+        any_observed=torch.stack(list(m.values())).any(0),
+        floors={n: max(NOISE_SCALE_MIN**2, 1e-6 * float(v[m[n]].var())) for n, v in y.items()},
+        max_iter=max_iter,
+        tol=tol,
+    )
+
+
 def physics_mixture_em(
     curves: Mapping[str, torch.Tensor],
     masks: Mapping[str, torch.Tensor],
@@ -169,35 +196,20 @@ def physics_mixture_em(
     joint likelihood with a Gaussian per cluster on the summaries instead chose partitions by
     writing style: ten decays, seeds 2-4, physics log-likelihood 2-5 nats lower.)
     """
-    device = next(iter(curves.values())).device
-    y = {n: v.double() for n, v in curves.items()}
-    m = {n: masks[n].to(device) for n in curves}
-    any_observed = torch.stack(list(m.values())).any(0)
-    n_obs = int(any_observed.sum())
+    data = em_problem(curves, masks, experts, grids, max_iter, tol)
+    n_obs = int(data.any_observed.sum())
     if n_obs < n_clusters:
         raise ValueError(
             f"physics_mixture_em: {n_obs} samples with a physics modality observed, fewer than "
             f"n_clusters={n_clusters}"
         )
-    if not all(e.is_linear for e in experts.values()):
-        max_iter = min(max_iter, 50)
-    data = _EMData(
-        y=y,
-        m=m,
-        t={n: grids[n].double().to(device) for n in curves},
-        experts=experts,
-        any_observed=any_observed,
-        floors={n: max(NOISE_SCALE_MIN**2, 1e-6 * float(v[m[n]].var())) for n, v in y.items()},
-        max_iter=max_iter,
-        tol=tol,
-    )
     if start_rows is not None and start_rows < n_clusters:
         raise ValueError(
             f"physics_mixture_em: start_rows must be >= n_clusters={n_clusters}, got {start_rows}"
         )
     feats = _start_features(data)
     rng = np.random.default_rng(seed)
-    rows = np.flatnonzero(any_observed.cpu().numpy())  # samples without a curve start uniform
+    rows = np.flatnonzero(data.any_observed.cpu().numpy())  # samples without a curve start uniform
     search, search_feats, rows, extra = _search_problem(
         data, feats, rows, start_features, start_rows, rng
     )
@@ -252,7 +264,7 @@ def _best_start(
         resp[torch.as_tensor(rows, device=device)] = torch.nn.functional.one_hot(
             torch.as_tensor(assign, device=device), n_clusters
         ).to(resp)
-        result = _em_from_responsibilities(resp.double(), data, all_active)
+        result = em_from_responsibilities(resp.double(), data, all_active)
         if best is None or result.log_likelihood > best.log_likelihood:
             best = result
     assert best is not None
@@ -270,7 +282,7 @@ def _start_partitions(
     return starts + [_kmeans_plus_plus(features, n_clusters, rng) for _ in range(n_starts - 1)]
 
 
-def _em_from_responsibilities(
+def em_from_responsibilities(
     resp: torch.Tensor,
     data: _EMData,
     active: torch.Tensor,
@@ -355,7 +367,7 @@ def _refine_on_all_rows(result: EMResult, data: _EMData) -> EMResult:
     subsample of them)."""
     noise2 = {n: v**2 for n, v in result.noise_scale.items()}
     resp, _ = _e_step(data, result.weights, result.active, result.theta, noise2)
-    return _em_from_responsibilities(resp, data, result.active, theta_start=result.theta)
+    return em_from_responsibilities(resp, data, result.active, theta_start=result.theta)
 
 
 def summary_features(
@@ -395,8 +407,8 @@ def split_and_merge(
     for _ in range(max_rounds):
         improved = False
         for i, j, k in _split_merge_moves(result, features, n_candidates):
-            resp = _merge_and_split(result.responsibilities, i, j, k, features)
-            trial = _em_from_responsibilities(resp, data, result.active)
+            resp = merge_and_split(result.responsibilities, i, j, k, features)
+            trial = em_from_responsibilities(resp, data, result.active)
             if trial.log_likelihood > result.log_likelihood + 1e-6 * abs(result.log_likelihood):
                 result, improved = trial, True
                 break
@@ -423,7 +435,7 @@ def _split_merge_moves(
     return [(i, j, k) for _, i, j in pairs for k in splits if k not in (i, j)]
 
 
-def _merge_and_split(
+def merge_and_split(
     resp: torch.Tensor, i: int, j: int, k: int, features: np.ndarray
 ) -> torch.Tensor:
     """Responsibilities with j merged into i and k's members split between k and j."""
@@ -453,7 +465,7 @@ def prune_clusters(result: EMResult, data: _EMData, max_tries: int = 3) -> EMRes
         for c in order[:max_tries]:
             active = result.active.clone()
             active[c] = False
-            trial = _em_from_responsibilities(result.responsibilities, data, active)
+            trial = em_from_responsibilities(result.responsibilities, data, active)
             if trial.log_likelihood > result.log_likelihood - penalty:
                 result = trial
                 break

@@ -184,20 +184,28 @@ def initialize_from_physics(
         prune=prune,
         start_features=_data_summaries(net, full),
     )
-    with torch.no_grad():
-        for p in physics:
-            experts[p].set_theta(em.theta[p].to(dtype))
-            experts[p].set_noise_scale(em.noise_scale[p].to(dtype))
-            warn_unmoved_parameters(
-                p, experts[p], starts[p][em.active], em.theta[p][em.active], net.modalities[p].grid
-            )
-        net.mixture.active.copy_(em.active)
-        net.mixture.logits.copy_(log_weights_of(em.weights, em.active).to(dtype))
+    set_physics_from_em(net, em)
+    for p in physics:
+        warn_unmoved_parameters(
+            p, experts[p], starts[p][em.active], em.theta[p][em.active], net.modalities[p].grid
+        )
     counts = {
         p: (em.responsibilities * full.observed[p][:, None]).sum(0).to(dtype) for p in physics
     }
     net.init_global_guide(em.weights, full.n_total, counts)
     return em
+
+
+@torch.no_grad()
+def set_physics_from_em(net: PIMAModule, em: EMResult) -> None:
+    """Experts' theta and noise, the active clusters and the mixture weights from ``em``."""
+    dtype = net.mixture.loc.dtype
+    for p in net.physics_names:
+        expert = net.modalities[p].expert
+        expert.set_theta(em.theta[p].to(dtype))
+        expert.set_noise_scale(em.noise_scale[p].to(dtype))
+    net.mixture.active.copy_(em.active)
+    net.mixture.logits.copy_(log_weights_of(em.weights, em.active).to(dtype))
 
 
 def _data_summaries(net: PIMAModule, full: Batch) -> np.ndarray | None:

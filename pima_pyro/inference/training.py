@@ -102,6 +102,11 @@ class FitOptions:
             posterior to the one each data encoder implies alone. It trains the encoders
             only (the generative parameters follow the ELBO alone); ``0`` trains on the
             plain ELBO. The logged ``train_loss`` is the -ELBO either way.
+        joint_moves: rounds of split-and-merge moves judged by the joint ELBO at the end of
+            the anchor phase (:mod:`~pima_pyro.inference.joint_moves`): each round keeps the
+            move that raises the ELBO most on up to 5,000 rows, if any. ``0`` skips them; they
+            need a physics and a data modality, an anchor phase, point-estimate globals and
+            K > 2, and are skipped otherwise.
         objective: ``"elbo"`` (Pyro's enumerated ELBO) or ``"closed_form"`` (the seed's
             closed-form mixture terms, :mod:`pima_pyro.inference.closed_form`).
         jit: use ``JitTraceEnum_ELBO`` (default for ``objective="elbo"``; refused with
@@ -149,6 +154,7 @@ class FitOptions:
     em_starts: int = 10
     prune_clusters: bool = False
     cross_modal_weight: float = 1.0
+    joint_moves: int = 3
     clip_norm: float | None = 100.0
     callback: Callable[[int, float], None] | None = None
     checkpoint_dir: str | os.PathLike[str] | None = None
@@ -183,6 +189,7 @@ class FitOptions:
             ("batch_size", 1),
             ("checkpoint_every", 1),
             ("em_starts", 1),
+            ("joint_moves", 0),
             ("num_nodes", 1),
             ("seed", 0),
         ):
@@ -223,6 +230,7 @@ class FitOptions:
             "validation_fraction",
             "em_starts",
             "cross_modal_weight",
+            "joint_moves",
         )
         out: dict[str, Any] = {k: getattr(self, k) for k in keys}
         out.update(
@@ -601,6 +609,7 @@ def run_loop(
     loop = LoopOptions(
         opts.batch_size, opts.lr, opts.seed, opts.objective, opts.resolved_jit,
         opts.subset_training, opts.clip_norm, opts.num_threads, opts.cross_modal_weight,
+        opts.joint_moves,
     )  # fmt: skip
     net.train()  # a refit starts from a module a previous fit left in eval mode
     plan = PIMATrainingPlan(

@@ -35,6 +35,7 @@ from pima_pyro.data import Batch, MultimodalData
 from pima_pyro.inference.closed_form import closed_form_loss
 from pima_pyro.inference.cross_modal import cross_modal_loss, has_cross_modal_term
 from pima_pyro.inference.initialization import mixture_from_embeddings
+from pima_pyro.inference.joint_moves import joint_split_and_merge
 from pima_pyro.inference.posterior import cluster_log_posterior, latent_posterior
 from pima_pyro.inference.svi import (
     PHASES,
@@ -77,6 +78,7 @@ class LoopOptions:
     clip_norm: float | None = 100.0
     num_threads: int | None = None
     cross_modal_weight: float = 1.0
+    joint_moves: int = 3
 
 
 def epoch_seed(seed: int, epoch: int, step: int = -1) -> int:
@@ -228,6 +230,12 @@ class PIMATrainingPlan(pl.LightningModule):
         epoch = self.current_epoch
         if epoch == self.schedule.warmup_epochs and epoch > 0:
             self.start_mixture_from_embeddings()
+        anchor_end = self.schedule.warmup_epochs + self.schedule.anchor_epochs
+        if epoch == anchor_end and self.schedule.anchor_epochs > 0 and self.options.joint_moves:
+            assert self.full is not None
+            joint_split_and_merge(
+                self.net, self.full, self.options.seed, rounds=self.options.joint_moves
+            )
         self._epoch_batches = self.epoch_index_batches(epoch)
         self._snapshot = self.snapshot()
         self._epoch_start = time.perf_counter()
