@@ -14,8 +14,8 @@ import torch
 from pima_pyro import PIMA, Custom, GaussianModality, LinearThroughOrigin, PhysicsModality
 from pima_pyro.datasets import digits_physics
 from pima_pyro.inference.initialization import (
-    em_from_responsibilities,
     _EMData,
+    em_from_responsibilities,
     physics_mixture_em,
     split_and_merge,
 )

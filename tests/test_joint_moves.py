@@ -1,0 +1,93 @@
+"""Split-and-merge moves judged by the joint ELBO undo a planted wrong partition."""
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from pima_pyro import PIMA, GaussianModality, LinearThroughOrigin, MultimodalData, PhysicsModality
+from pima_pyro.inference.initialization import em_from_responsibilities, em_problem
+from pima_pyro.inference.joint_moves import (
+    elbo_of,
+    joint_split_and_merge,
+    move_sample,
+    refit_from_responsibilities,
+)
+from pima_pyro.inference.svi import set_physics_from_em
+from pima_pyro.metrics import matched_accuracy
+
+
+def _toy(n_per: int = 80, seed: int = 0):
+    """Four clusters that x (8 features) and the curves (slopes 1, 3, 5, 7) both tell apart."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(4), n_per)
+    codes = 3.0 * np.random.default_rng(99).normal(size=(4, 8))
+    x = codes[labels] + 0.5 * rng.normal(size=(labels.size, 8))
+    t = np.linspace(0, 1, 10)
+    slopes = np.array([1.0, 3.0, 5.0, 7.0])
+    y = slopes[labels][:, None] * t + 0.3 * rng.normal(size=(labels.size, 10))
+    values = {"x": x.astype("float32"), "y": y.astype("float32")}
+    return MultimodalData(values, grids={"y": t}, labels=labels)
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    torch.set_num_threads(1)
+    data = _toy()
+    specs = {
+        "x": GaussianModality(shape=(8,), scale=0.5),
+        "y": PhysicsModality(expert=LinearThroughOrigin()),
+    }
+    model = PIMA(specs, n_clusters=4, latent_dim=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(data, epochs=60, seed=0, progress=False, logger=False, num_threads=1)
+    return model, data
+
+
+def _accuracy(model, data) -> float:
+    return matched_accuracy(data.labels.numpy(), model.cluster_posterior(data).argmax(1))[0]
+
+
+def test_moves_undo_a_planted_merge_and_split_that_em_alone_cannot_leave(fitted):
+    model, data = fitted
+    assert _accuracy(model, data) >= 0.95
+    net = copy.deepcopy(model.module)
+    full = data.to_batch()
+    sample = move_sample(full, net.latent_dim, seed=0)
+    wrong = torch.zeros(sample.size, 4)  # 0 and 1 merged, 3 split in halves by row order
+    labels = data.labels[sample.indices]
+    wrong[:, 0] = (labels <= 1).float()
+    wrong[:, 2] = (labels == 2).float()
+    threes = torch.nonzero(labels == 3).flatten()
+    wrong[threes[::2], 3] = 1.0
+    wrong[threes[1::2], 1] = 1.0
+    refit_from_responsibilities(net, sample, wrong)
+    physics = em_problem(
+        {"y": sample.values["y"]},
+        {"y": sample.observed["y"]},
+        {"y": net.modalities["y"].expert},
+        {"y": net.modalities["y"].grid},
+    )
+    set_physics_from_em(net, em_from_responsibilities(wrong.double(), physics, net.mixture.active))
+    planted = copy.deepcopy(model)
+    planted.module = net
+    assert _accuracy(planted, data) <= 0.8
+    before = elbo_of(net, sample)
+    kept = joint_split_and_merge(net, full, seed=0)
+    assert kept and elbo_of(net, sample) > before
+    assert _accuracy(planted, data) >= 0.95
+    slopes = np.sort(planted.physics_parameters()["y"]["theta"].ravel())
+    np.testing.assert_allclose(slopes, [1.0, 3.0, 5.0, 7.0], atol=0.1)
+
+
+def test_without_a_better_move_the_state_is_left_exactly_as_it_was(fitted):
+    model, data = fitted
+    net = copy.deepcopy(model.module)
+    state = copy.deepcopy(net.state_dict())
+    kept = joint_split_and_merge(net, data.to_batch(), seed=0, rounds=0)
+    assert kept == []
+    for name, value in net.state_dict().items():
+        assert torch.equal(value, state[name]), name
