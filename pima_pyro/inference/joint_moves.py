@@ -110,30 +110,41 @@ def elbo_of(net: PIMAModule, sample: Batch) -> float:
 def joint_split_and_merge(
     net: PIMAModule, full: Batch, seed: int, rounds: int = 3, n_pairs: int = 3, n_splits: int = 5
 ) -> list[tuple[int, int, int]]:
-    """Apply the best ELBO-raising move per round, at most ``rounds`` rounds; returns the moves
-    kept. The state only changes when a move raises the ELBO of :func:`move_sample`."""
+    """At most ``rounds`` rounds; returns the moves kept. Each round compares every move with
+    the same refit (:func:`refit_from_responsibilities`) of the current partition, so that
+    partitions compete on equal terms, and keeps the best move that beats it; without one the
+    state is left as it was."""
     if rounds == 0 or not can_move(net):
         return []
     was_training = net.training
     net.eval()
     sample = move_sample(full, net.latent_dim, seed)
     kept: list[tuple[int, int, int]] = []
-    best_elbo, best_state = elbo_of(net, sample), copy.deepcopy(net.state_dict())
     for _ in range(rounds):
-        start = copy.deepcopy(best_state)
-        resp = cluster_log_posterior(net, sample, net.modality_names, num_samples=0).exp()
-        embeddings, _ = latent_posterior(net, sample, net.data_names)
-        features = embeddings.detach().double().cpu().numpy()
-        round_best = None
-        for move in candidate_moves(net, resp, features, n_pairs, n_splits):
-            net.load_state_dict(start)
-            refit_from_responsibilities(net, sample, merge_and_split(resp, *move, features))
-            elbo = elbo_of(net, sample)
-            if np.isfinite(elbo) and elbo > best_elbo + 1e-6 * abs(best_elbo):
-                best_elbo, best_state, round_best = elbo, copy.deepcopy(net.state_dict()), move
-        net.load_state_dict(best_state)
-        if round_best is None:
+        move = _best_move(net, sample, n_pairs, n_splits)
+        if move is None:
             break
-        kept.append(round_best)
+        kept.append(move)
     net.train(was_training)
     return kept
+
+
+def _best_move(
+    net: PIMAModule, sample: Batch, n_pairs: int, n_splits: int
+) -> tuple[int, int, int] | None:
+    """Apply the move whose refit has the highest ELBO, if it beats the refit of the current
+    partition; else restore the state and return ``None``."""
+    start = copy.deepcopy(net.state_dict())
+    resp = cluster_log_posterior(net, sample, net.modality_names, num_samples=0).exp()
+    embeddings, _ = latent_posterior(net, sample, net.data_names)
+    features = embeddings.detach().double().cpu().numpy()
+    refit_from_responsibilities(net, sample, resp)
+    best_elbo, best_state, best_move = elbo_of(net, sample), None, None
+    for move in candidate_moves(net, resp, features, n_pairs, n_splits):
+        net.load_state_dict(start)
+        refit_from_responsibilities(net, sample, merge_and_split(resp, *move, features))
+        elbo = elbo_of(net, sample)
+        if np.isfinite(elbo) and elbo > best_elbo + 1e-6 * abs(best_elbo):
+            best_elbo, best_state, best_move = elbo, copy.deepcopy(net.state_dict()), move
+    net.load_state_dict(start if best_state is None else best_state)
+    return best_move
