@@ -118,3 +118,20 @@ def test_a_step_minimises_the_elbo_plus_the_weighted_term_and_logs_the_elbo(weig
     expected = 1.0 + weight * float(cross_modal_loss(net, batch).detach())
     assert float(objective.detach()) == pytest.approx(expected, rel=1e-12)
     assert float(logged) == 1.0
+
+
+@pytest.mark.parametrize(
+    "option, error",
+    [
+        ({"cross_modal_weight": -0.5}, ValueError),
+        ({"cross_modal_weight": float("nan")}, ValueError),
+        ({"cross_modal_weight": "1"}, TypeError),
+        ({"joint_moves": -1}, ValueError),
+        ({"joint_moves": 1.5}, TypeError),
+    ],
+)
+def test_bad_weights_and_move_counts_are_refused_naming_the_option(option, error):
+    from pima_pyro.inference.training import FitOptions
+
+    with pytest.raises(error, match=next(iter(option))):
+        FitOptions.from_keywords(option)

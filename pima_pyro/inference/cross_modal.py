@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from pima_pyro.data import Batch
-from pima_pyro.inference.posterior import cluster_log_posterior
+from pima_pyro.inference.posterior import any_observed_rows, cluster_log_posterior
 from pima_pyro.models.guide import encode
 from pima_pyro.models.mixture import cluster_log_posterior_from_joint, expected_normal_log_prob
 from pima_pyro.models.module import PIMAModule
@@ -47,8 +47,7 @@ def physics_targets(net: PIMAModule, batch: Batch) -> tuple[torch.Tensor, torch.
     physics = [p for p in net.physics_names if p in batch.values]
     with torch.no_grad():
         log_r = cluster_log_posterior(net, batch, physics)
-    paired = torch.stack([batch.observed[p] for p in physics]).any(0)
-    return log_r.exp(), paired
+    return log_r.exp(), any_observed_rows(batch, physics, slice(0, batch.size))
 
 
 def encoder_cluster_log_posterior(net: PIMAModule, name: str, values: torch.Tensor) -> torch.Tensor:

@@ -69,7 +69,7 @@ def _chunks(n: int, size: int):
         yield slice(start, min(start + size, n))
 
 
-def _any_observed(batch: Batch, names: Sequence[str], rows: slice) -> torch.Tensor:
+def any_observed_rows(batch: Batch, names: Sequence[str], rows: slice) -> torch.Tensor:
     """(n,) bool: which rows have at least one of ``names`` observed."""
     size = rows.stop - rows.start
     if not names:
@@ -112,7 +112,7 @@ def latent_posterior(
         size = sl.stop - sl.start
         loc = prior_loc.expand(size, -1)
         scale = prior_scale.expand(size, -1)
-        has_data = _any_observed(batch, given, sl)
+        has_data = any_observed_rows(batch, given, sl)
         if given:
             values = {n: batch.values[n][sl] for n in given}
             masks = {n: batch.observed[n][sl] for n in given}
@@ -147,7 +147,7 @@ def cluster_log_posterior(
             log_pc_data = _data_cluster_log_posterior(
                 net, batch, data_given, sl, log_prior, num_samples, generator
             )
-            has_data = _any_observed(batch, data_given, sl)
+            has_data = any_observed_rows(batch, data_given, sl)
             log_pc = torch.where(has_data[:, None], log_pc_data, log_pc)
         for name in physics_given:
             ll = net.modalities[name].cluster_log_likelihood(batch.values[name][sl])  # (n, K)
@@ -218,7 +218,7 @@ def _latent_draws(
         (num_samples, *loc.shape), device=loc.device, dtype=loc.dtype, generator=generator
     )
     z = loc + scale * eps
-    has_data = _any_observed(batch, given, slice(0, batch.size))
+    has_data = any_observed_rows(batch, given, slice(0, batch.size))
     if bool(has_data.all()):
         return z
     prior_z = sample_mixture_prior(net, (num_samples, batch.size), generator)
