@@ -63,8 +63,11 @@ def encoder_cluster_log_posterior(net: PIMAModule, name: str, values: torch.Tens
 
 
 def cross_modal_loss(net: PIMAModule, batch: Batch) -> torch.Tensor:
-    """:math:`\\frac1B \\sum_d \\sum_n \\ell_{dn}` over the samples with ``d`` and a physics
-    modality observed (0 when the model lacks either kind)."""
+    """:math:`\\frac1{B_y} \\sum_d \\sum_n \\ell_{dn}` over the samples with ``d`` and a
+    physics modality observed, :math:`B_y` the samples of the batch with a physics modality (0
+    when the model lacks either kind). A mean over the paired samples, not over the batch: the
+    term's strength does not shrink with the fraction of samples paired (with 5% of the curves
+    measured, a mean over the batch left the image encoder collapsed in every fit)."""
     total = torch.zeros((), device=batch.indices.device)
     if not has_cross_modal_term(net):
         return total
@@ -75,4 +78,4 @@ def cross_modal_loss(net: PIMAModule, batch: Batch) -> torch.Tensor:
         log_q = encoder_cluster_log_posterior(net, name, batch.values[name])
         weight = (batch.observed[name] & paired).to(log_q.dtype)
         total = total - ((target * log_q).sum(-1) * weight).sum()
-    return total / batch.size
+    return total / paired.sum().clamp_min(1)
