@@ -406,7 +406,10 @@ def split_and_merge(
     """
     for _ in range(max_rounds):
         improved = False
-        for i, j, k in _split_merge_moves(result, features, n_candidates):
+        moves = split_merge_candidates(
+            result.responsibilities, result.active, features, n_candidates, n_candidates + 2
+        )
+        for i, j, k in moves:
             resp = merge_and_split(result.responsibilities, i, j, k, features)
             trial = em_from_responsibilities(resp, data, result.active)
             if trial.log_likelihood > result.log_likelihood + 1e-6 * abs(result.log_likelihood):
@@ -417,22 +420,30 @@ def split_and_merge(
     return result
 
 
-def _split_merge_moves(
-    result: EMResult, features: np.ndarray, n_candidates: int
+def split_merge_candidates(
+    resp: torch.Tensor,
+    active: torch.Tensor,
+    features: np.ndarray,
+    n_pairs: int,
+    n_splits: int,
 ) -> list[tuple[int, int, int]]:
-    resp = result.responsibilities.cpu().numpy() * result.active.cpu().numpy()
-    active = np.flatnonzero(result.active.cpu().numpy())
-    norms = np.linalg.norm(resp, axis=0) + 1e-300
-    overlap = (resp.T @ resp) / np.outer(norms, norms)
+    """``(i, j, k)``: merge j into i, split k. The ``n_pairs`` active pairs whose
+    responsibilities (N, K) overlap most (cosine of their columns) times the ``n_splits`` active
+    clusters whose members' ``features`` (N, F) spread most (summed weighted variance)."""
+    on = active.cpu().numpy()
+    r = resp.detach().double().cpu().numpy() * on
+    clusters = np.flatnonzero(on)
+    norms = np.linalg.norm(r, axis=0) + 1e-300
+    overlap = (r.T @ r) / np.outer(norms, norms)
     pairs = sorted(
-        ((overlap[i, j], i, j) for a, i in enumerate(active) for j in active[a + 1 :]),
+        ((overlap[i, j], i, j) for a, i in enumerate(clusters) for j in clusters[a + 1 :]),
         reverse=True,
-    )[:n_candidates]
-    weight = resp.sum(0) + 1e-300
-    centre = (resp.T @ features) / weight[:, None]
-    spread = (resp.T @ (features**2)) / weight[:, None] - centre**2
-    splits = sorted(active, key=lambda c: -spread[c].sum())[: n_candidates + 2]
-    return [(i, j, k) for _, i, j in pairs for k in splits if k not in (i, j)]
+    )[:n_pairs]
+    weight = r.sum(0) + 1e-300
+    centre = (r.T @ features) / weight[:, None]
+    spread = ((r.T @ features**2) / weight[:, None] - centre**2).sum(1)
+    splits = sorted(clusters, key=lambda c: -spread[c])[:n_splits]
+    return [(int(i), int(j), int(k)) for _, i, j in pairs for k in splits if k not in (i, j)]
 
 
 def merge_and_split(

@@ -29,6 +29,7 @@ from pima_pyro.inference.initialization import (
     em_problem,
     merge_and_split,
     mixture_from_embeddings,
+    split_merge_candidates,
 )
 from pima_pyro.inference.posterior import cluster_log_posterior, latent_posterior
 from pima_pyro.inference.svi import set_physics_from_em, validation_loss
@@ -71,34 +72,22 @@ def refit_from_responsibilities(net: PIMAModule, sample: Batch, resp: torch.Tens
         {p: net.modalities[p].grid for p in physics},
     )
     em = em_from_responsibilities(resp.double(), problem, net.mixture.active.clone())
-    with torch.no_grad():
-        loc, scale = latent_posterior(net, sample, net.modality_names)
-        weights, mu, sd = mixture_from_embeddings(
-            loc, 2 * torch.log(scale), em.responsibilities.to(loc), net.n_clusters
-        )
-        net.mixture.set_parameters(weights, mu, sd)
+    place_mixture_on_embeddings(net, sample, em.responsibilities)
     set_physics_from_em(net, em)  # the weights of EM, inactive clusters kept at exactly 0
 
 
-def candidate_moves(
-    net: PIMAModule, resp: torch.Tensor, embeddings: np.ndarray, n_pairs: int, n_splits: int
-) -> list[tuple[int, int, int]]:
-    """``(i, j, k)``: merge j into i, split k; the ``n_pairs`` active pairs whose
-    responsibilities overlap most times the ``n_splits`` clusters whose members' embeddings
-    spread most."""
-    r = resp.detach().double().cpu().numpy()
-    active = np.flatnonzero(net.mixture.active.cpu().numpy())
-    norms = np.linalg.norm(r, axis=0) + 1e-300
-    overlap = (r.T @ r) / np.outer(norms, norms)
-    pairs = sorted(
-        ((overlap[i, j], i, j) for a, i in enumerate(active) for j in active[a + 1 :]),
-        reverse=True,
-    )[:n_pairs]
-    weight = r.sum(0) + 1e-300
-    centre = (r.T @ embeddings) / weight[:, None]
-    spread = ((r.T @ embeddings**2) / weight[:, None] - centre**2).sum(1)
-    splits = sorted(active, key=lambda c: -spread[c])[:n_splits]
-    return [(int(i), int(j), int(k)) for _, i, j in pairs for k in splits if k not in (i, j)]
+@torch.no_grad()
+def place_mixture_on_embeddings(
+    net: PIMAModule, batch: Batch, resp: torch.Tensor | None, seed: int = 0
+) -> None:
+    """The latent mixture's pi, mu and sigma from the embeddings q(z | every observed modality)
+    of ``batch``, weighted by ``resp`` (N, K), or a GMM on them when ``resp`` is ``None``
+    (:func:`~pima_pyro.inference.initialization.mixture_from_embeddings`)."""
+    loc, scale = latent_posterior(net, batch, net.modality_names)
+    weights, mu, sd = mixture_from_embeddings(
+        loc, 2 * torch.log(scale), None if resp is None else resp.to(loc), net.n_clusters, seed
+    )
+    net.mixture.set_parameters(weights, mu, sd)
 
 
 @torch.no_grad()
@@ -140,7 +129,8 @@ def _best_move(
     features = embeddings.detach().double().cpu().numpy()
     refit_from_responsibilities(net, sample, resp)
     best_elbo, best_state, best_move = elbo_of(net, sample), None, None
-    for move in candidate_moves(net, resp, features, n_pairs, n_splits):
+    moves = split_merge_candidates(resp, net.mixture.active, features, n_pairs, n_splits)
+    for move in moves:
         net.load_state_dict(start)
         refit_from_responsibilities(net, sample, merge_and_split(resp, *move, features))
         elbo = elbo_of(net, sample)

@@ -34,9 +34,8 @@ import torch
 from pima_pyro.data import Batch, MultimodalData
 from pima_pyro.inference.closed_form import closed_form_loss
 from pima_pyro.inference.cross_modal import cross_modal_loss, has_cross_modal_term
-from pima_pyro.inference.initialization import mixture_from_embeddings
-from pima_pyro.inference.joint_moves import joint_split_and_merge
-from pima_pyro.inference.posterior import cluster_log_posterior, latent_posterior
+from pima_pyro.inference.joint_moves import joint_split_and_merge, place_mixture_on_embeddings
+from pima_pyro.inference.posterior import cluster_log_posterior
 from pima_pyro.inference.svi import (
     PHASES,
     History,
@@ -334,16 +333,9 @@ class PIMATrainingPlan(pl.LightningModule):
         """Step 3: mu_c, sigma_c from the warmed-up embeddings weighted by the EM
         responsibilities (a GMM on the embeddings when there were none)."""
         assert self.full is not None
-        loc, scale = latent_posterior(self.net, self.full, self.net.modality_names)
-        resp = None if self.responsibilities is None else self.responsibilities.to(loc)
-        weights, mu, sd = mixture_from_embeddings(
-            loc,
-            2 * torch.log(scale),
-            resp,
-            self.net.n_clusters,
-            seed=self.options.seed,
+        place_mixture_on_embeddings(
+            self.net, self.full, self.responsibilities, seed=self.options.seed
         )
-        self.net.mixture.set_parameters(weights, mu, sd)
 
     def snapshot(self) -> dict:
         return {
