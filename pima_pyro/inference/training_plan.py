@@ -21,6 +21,8 @@ starts with fresh moments, and the parameters it holds fixed are never stepped.
 
 from __future__ import annotations
 
+import math
+
 import copy
 import math
 import time
@@ -63,6 +65,15 @@ class Schedule:
             return "warmup"
         return "anchor" if epoch < self.warmup_epochs + self.anchor_epochs else "full"
 
+    def lr_factor(self, epoch: int, final: float) -> float:
+        """The learning rate of ``epoch`` over the base rate: 1 until the full phase, then a
+        half cosine that reaches ``final`` at the last epoch."""
+        start = self.warmup_epochs + self.anchor_epochs
+        if epoch <= start or self.epochs - 1 <= start:
+            return 1.0
+        progress = min(1.0, (epoch - start) / (self.epochs - 1 - start))
+        return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
 
 @dataclass(frozen=True)
 class LoopOptions:
@@ -78,6 +89,7 @@ class LoopOptions:
     num_threads: int | None = None
     cross_modal_weight: float = 1.0
     joint_moves: int = 3
+    lr_decay: float = 1.0
 
 
 def epoch_seed(seed: int, epoch: int, step: int = -1) -> int:
@@ -235,6 +247,10 @@ class PIMATrainingPlan(pl.LightningModule):
             joint_split_and_merge(
                 self.net, self.full, self.options.seed, rounds=self.options.joint_moves
             )
+        lr = self.options.lr * self.schedule.lr_factor(epoch, self.options.lr_decay)
+        for optimizer in self.trainer.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
         self._epoch_batches = self.epoch_index_batches(epoch)
         self._snapshot = self.snapshot()
         self._epoch_start = time.perf_counter()
