@@ -433,7 +433,7 @@ def split_merge_candidates(
     on = active.cpu().numpy()
     r = resp.detach().double().cpu().numpy() * on
     clusters = np.flatnonzero(on)
-    norms = np.linalg.norm(r, axis=0) + 1e-300
+    norms = np.maximum(np.linalg.norm(r, axis=0), 1e-150)  # an empty column: overlap 0
     overlap = (r.T @ r) / np.outer(norms, norms)
     pairs = sorted(
         ((overlap[i, j], i, j) for a, i in enumerate(clusters) for j in clusters[a + 1 :]),
@@ -463,6 +463,12 @@ def merge_and_split(
     return out
 
 
+def bic_cluster_penalty(params_per_cluster: int, n_samples: int) -> float:
+    r"""What one cluster must add to a log-likelihood to be kept under the Bayesian information
+    criterion :math:`-2\log L + p\log N`: :math:`\tfrac12 p_c \log N`."""
+    return 0.5 * params_per_cluster * math.log(max(n_samples, 2))
+
+
 def prune_clusters(result: EMResult, data: _EMData, max_tries: int = 3) -> EMResult:
     r"""Remove clusters while that lowers the Bayesian information criterion
     :math:`-2\log L + p\log N` (:math:`p` free parameters, :math:`N` samples with a physics
@@ -470,7 +476,7 @@ def prune_clusters(result: EMResult, data: _EMData, max_tries: int = 3) -> EMRes
     :math:`\tfrac12 p_c \log N` (:math:`p_c`: theta and noise per modality, and a weight).
     Tries the ``max_tries`` lightest active clusters each round; removed clusters become
     inactive (weight 0) and their members go to the others through EM."""
-    penalty = 0.5 * data.params_per_cluster * math.log(max(int(data.any_observed.sum()), 2))
+    penalty = bic_cluster_penalty(data.params_per_cluster, int(data.any_observed.sum()))
     while result.n_active > 1:
         order = [int(c) for c in torch.argsort(result.weights) if bool(result.active[c])]
         for c in order[:max_tries]:

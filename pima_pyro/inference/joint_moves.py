@@ -25,6 +25,7 @@ import torch
 
 from pima_pyro.data import Batch
 from pima_pyro.inference.initialization import (
+    bic_cluster_penalty,
     em_from_responsibilities,
     em_problem,
     merge_and_split,
@@ -34,6 +35,10 @@ from pima_pyro.inference.initialization import (
 from pima_pyro.inference.posterior import cluster_log_posterior, latent_posterior
 from pima_pyro.inference.svi import set_physics_from_em, validation_loss
 from pima_pyro.models.module import PIMAModule
+
+#: A move kept by :func:`joint_split_and_merge`: ``("merge_split", (i, j, k))`` merges j into
+#: i and splits k; ``("remove", (j,))`` makes cluster j inactive (weight exactly 0).
+Move = tuple[str, tuple[int, ...]]
 
 #: Rows the moves look at: the ELBO and the EM of every candidate run on at most this many.
 MOVE_ROWS: int = 5000
@@ -92,13 +97,29 @@ def place_mixture_on_embeddings(
 
 @torch.no_grad()
 def elbo_of(net: PIMAModule, sample: Batch) -> float:
-    """ELBO per sample of ``sample`` (its fixed draws), every observed modality encoded."""
-    return -validation_loss(net, sample) * sample.n_total / sample.size
+    """The data set's ELBO estimated from ``sample`` (its fixed draws): the mean per row times
+    the data set's size, every observed modality encoded."""
+    return -validation_loss(net, sample) * sample.n_total
+
+
+def joint_params_per_cluster(net: PIMAModule) -> int:
+    """Free parameters one cluster adds: its weight, its latent mean and scale, and theta and
+    noise of every physics modality."""
+    physics = sum(net.modalities[p].expert.num_params + 1 for p in net.physics_names)
+    return 1 + 2 * net.latent_dim + physics
+
+
+def without_cluster(log_resp: torch.Tensor, j: int) -> torch.Tensor:
+    """Responsibilities (N, K) given that the cluster is not ``j``: its members go where their
+    posterior puts them next."""
+    return torch.softmax(
+        log_resp.index_fill(1, torch.tensor([j], device=log_resp.device), -torch.inf), 1
+    )
 
 
 def joint_split_and_merge(
     net: PIMAModule, full: Batch, seed: int, rounds: int = 3, n_pairs: int = 3, n_splits: int = 5
-) -> list[tuple[int, int, int]]:
+) -> list[Move]:
     """At most ``rounds`` rounds; returns the moves kept. Each round compares every move with
     the same refit (:func:`refit_from_responsibilities`) of the current partition, so that
     partitions compete on equal terms, and keeps the best move that beats it; without one the
@@ -108,7 +129,7 @@ def joint_split_and_merge(
     was_training = net.training
     net.eval()
     sample = move_sample(full, net.latent_dim, seed)
-    kept: list[tuple[int, int, int]] = []
+    kept: list[Move] = []
     for _ in range(rounds):
         move = _best_move(net, sample, n_pairs, n_splits)
         if move is None:
@@ -118,23 +139,44 @@ def joint_split_and_merge(
     return kept
 
 
-def _best_move(
-    net: PIMAModule, sample: Batch, n_pairs: int, n_splits: int
-) -> tuple[int, int, int] | None:
-    """Apply the move whose refit has the highest ELBO, if it beats the refit of the current
-    partition; else restore the state and return ``None``."""
+def _candidates(
+    net: PIMAModule, log_resp: torch.Tensor, features: np.ndarray, n_pairs: int, n_splits: int
+) -> list[tuple[Move, torch.Tensor]]:
+    """Every move with the responsibilities it starts the refit from: merge-and-split moves
+    (:func:`~pima_pyro.inference.initialization.split_merge_candidates`), then the removal of
+    each active cluster while more than two are active."""
+    resp = log_resp.exp()
+    active = net.mixture.active
+    out: list[tuple[Move, torch.Tensor]] = [
+        (("merge_split", move), merge_and_split(resp, *move, features))
+        for move in split_merge_candidates(resp, active, features, n_pairs, n_splits)
+    ]
+    if int(active.sum()) > 2:
+        clusters = torch.nonzero(active).flatten().tolist()
+        out += [(("remove", (j,)), without_cluster(log_resp, j)) for j in clusters]
+    return out
+
+
+def _best_move(net: PIMAModule, sample: Batch, n_pairs: int, n_splits: int) -> Move | None:
+    """Apply the move with the highest score, if it beats the refit of the current partition;
+    else restore the state and return ``None``. The score is the ELBO, plus, for a removal,
+    the BIC penalty of the cluster removed (:func:`bic_cluster_penalty`), so that a cluster
+    stays only if it raises the ELBO by more than it costs."""
     start = copy.deepcopy(net.state_dict())
-    resp = cluster_log_posterior(net, sample, net.modality_names, num_samples=0).exp()
+    log_resp = cluster_log_posterior(net, sample, net.modality_names, num_samples=0)
     embeddings, _ = latent_posterior(net, sample, net.data_names)
     features = embeddings.detach().double().cpu().numpy()
-    refit_from_responsibilities(net, sample, resp)
-    best_elbo, best_state, best_move = elbo_of(net, sample), None, None
-    moves = split_merge_candidates(resp, net.mixture.active, features, n_pairs, n_splits)
-    for move in moves:
+    refit_from_responsibilities(net, sample, log_resp.exp())
+    best_score, best_state, best_move = elbo_of(net, sample), None, None
+    penalty = bic_cluster_penalty(joint_params_per_cluster(net), sample.n_total)
+    for move, resp in _candidates(net, log_resp, features, n_pairs, n_splits):
         net.load_state_dict(start)
-        refit_from_responsibilities(net, sample, merge_and_split(resp, *move, features))
-        elbo = elbo_of(net, sample)
-        if np.isfinite(elbo) and elbo > best_elbo + 1e-6 * abs(best_elbo):
-            best_elbo, best_state, best_move = elbo, copy.deepcopy(net.state_dict()), move
+        kind, clusters = move
+        if kind == "remove":
+            net.mixture.active[clusters[0]] = False
+        refit_from_responsibilities(net, sample, resp)
+        score = elbo_of(net, sample) + (penalty if kind == "remove" else 0.0)
+        if np.isfinite(score) and score > best_score + 1e-9 * abs(best_score):
+            best_score, best_state, best_move = score, copy.deepcopy(net.state_dict()), move
     net.load_state_dict(start if best_state is None else best_state)
     return best_move

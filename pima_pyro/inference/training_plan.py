@@ -21,8 +21,6 @@ starts with fresh moments, and the parameters it holds fixed are never stepped.
 
 from __future__ import annotations
 
-import math
-
 import copy
 import math
 import time
