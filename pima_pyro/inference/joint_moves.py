@@ -14,6 +14,12 @@ the physics EM from those responsibilities, place the latent mixture on the embe
 (:func:`~pima_pyro.inference.initialization.mixture_from_embeddings`), and keep the state with
 the highest ELBO on a fixed sample of rows with fixed latent draws (common random numbers). The
 full phase then trains everything from the kept state.
+
+The same rounds try removing each active cluster, scored by the ELBO plus the BIC penalty of
+one cluster (:func:`~pima_pyro.inference.initialization.bic_cluster_penalty` with
+:func:`joint_params_per_cluster`): a K above the data's then leaves the surplus inactive (five
+unbalanced clusters fitted with K = 7: 5 active on seeds 0-4), judged with the images, which
+the physics-only pruning of the EM start cannot see.
 """
 
 from __future__ import annotations

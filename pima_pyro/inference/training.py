@@ -108,9 +108,11 @@ class FitOptions:
             posterior to the one each data encoder implies alone. It trains the encoders
             only (the generative parameters follow the ELBO alone); ``0`` trains on the
             plain ELBO. The logged ``train_loss`` is the -ELBO either way.
-        joint_moves: rounds of split-and-merge moves judged by the joint ELBO at the end of
-            the anchor phase (:mod:`~pima_pyro.inference.joint_moves`): each round keeps the
-            move that raises the ELBO most on up to 5,000 rows, if any. ``0`` skips them; they
+        joint_moves: rounds of split-and-merge and cluster-removal moves judged by the joint
+            ELBO at the end of the anchor phase (:mod:`~pima_pyro.inference.joint_moves`):
+            each round keeps the move that raises the ELBO most on up to 5,000 rows (a removal
+            counting the BIC penalty of one cluster as a gain), if any; a removed cluster
+            becomes inactive. ``0`` skips them and keeps all K clusters; they
             need a physics and a data modality, an anchor phase, point-estimate globals and
             K > 2, and are skipped otherwise.
         objective: ``"elbo"`` (Pyro's enumerated ELBO) or ``"closed_form"`` (the seed's
