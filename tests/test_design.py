@@ -117,8 +117,10 @@ def test_the_model_method_refuses_what_it_cannot_do_and_zeroes_measured_rows(net
     assert np.all(eig[~mask] <= entropy[~mask] + 4 * se[~mask] + 1e-6)  # I(c; y) <= H(c)
     with pytest.raises(ValueError, match="measure: 'image' is not a physics modality"):
         model.expected_information_gain(data, measure="image")
-    with pytest.raises(ValueError, match="about"):
+    with pytest.raises(ValueError, match="about='physics' needs bayesian_globals=True"):
         model.expected_information_gain(data, about="physics")
+    with pytest.raises(ValueError, match="about"):
+        model.expected_information_gain(data, about="theta")
 
 
 def test_the_measurement_loop_measures_a_batch_per_round_by_each_strategy():
@@ -139,3 +141,93 @@ def test_the_measurement_loop_measures_a_batch_per_round_by_each_strategy():
         assert all(abs(r["weights"] - 1.0) < 1e-4 for r in history)
     with pytest.raises(ValueError, match="strategy"):
         measurement_loop(model, data, "curve", known, "greedy", 12, 1, evaluate=dict)
+
+
+GRID = np.array([0.5, 1.0, 2.0])
+
+
+@pytest.fixture(scope="module")
+def bayesian():
+    """Three clusters y = theta_c t under Bayesian globals, with the guide set by hand."""
+    rng = np.random.default_rng(0)
+    data = MultimodalData(
+        {"image": rng.random((30, 2, 2)), "curve": rng.normal(size=(30, GRID.size))},
+        grids={"curve": GRID},
+    )
+    specs = {
+        "image": GaussianModality(hidden=(4,)),
+        "curve": PhysicsModality(expert=LinearThroughOrigin(), hidden=(4,)),
+    }
+    model = PIMA(specs, n_clusters=3, latent_dim=2, bayesian_globals=True)
+    model.fit(data, epochs=1, progress=False, logger=False, num_threads=1)
+    expert = model.module.modalities["curve"].expert
+    expert.set_theta(SLOPES)
+    expert.set_noise_scale(NOISE)
+    with torch.no_grad():  # guide sd of theta: 0.3, 1.0, 1e-4 (the last cluster already known)
+        expert.q_theta_log_sd.copy_(torch.log(torch.tensor([[0.3], [1.0], [1e-4]])))
+        expert.q_theta_log_sd -= torch.log(expert.theta_scale)
+    return model, data
+
+
+def _mutual_information_linear_gaussian(sd: float, noise: float, t: np.ndarray) -> float:
+    """I(theta; y) for theta ~ N(m, sd^2), y = theta t + N(0, noise^2 I), from the (T, T)
+    marginal covariance (no P-space algebra), and by Monte Carlo as a check of that."""
+    cov = noise**2 * np.eye(t.size) + sd**2 * np.outer(t, t)
+    exact = 0.5 * (np.linalg.slogdet(cov)[1] - t.size * np.log(noise**2))
+    rng = np.random.default_rng(0)
+    theta = rng.normal(0.0, sd, 200_000)
+    y = theta[:, None] * t + noise * rng.normal(size=(theta.size, t.size))
+    log_lik = -0.5 * ((y - theta[:, None] * t) ** 2).sum(1) / noise**2 - t.size * np.log(noise)
+    inv = np.linalg.inv(cov)
+    log_marginal = -0.5 * np.einsum("ni,ij,nj->n", y, inv, y) - 0.5 * np.linalg.slogdet(cov)[1]
+    draws = log_lik - log_marginal  # the 2 pi terms cancel
+    assert abs(draws.mean() - exact) < 4 * draws.std() / np.sqrt(draws.size)
+    return exact
+
+
+def test_physics_gain_is_the_mutual_information_of_the_linear_gaussian_update(bayesian):
+    from pima_pyro.inference.design import physics_parameter_gain
+
+    model, _ = bayesian
+    gains = physics_parameter_gain(model.module, "curve").double().numpy()
+    for c, sd in enumerate([0.3, 1.0]):
+        truth = _mutual_information_linear_gaussian(sd, float(NOISE[c]), GRID)
+        assert gains[c] == pytest.approx(truth, rel=1e-4)
+    assert gains[2] == pytest.approx(0.0, abs=1e-6)  # nothing left to learn about cluster 2
+
+
+def test_physics_gain_of_a_sample_is_its_cluster_posterior_times_the_cluster_gains(bayesian):
+    from pima_pyro.inference.design import physics_parameter_gain
+
+    model, data = bayesian
+    measured = np.arange(data.n_samples) % 3 == 0
+    data = MultimodalData(
+        {n: v.numpy() for n, v in data.values.items()},
+        grids={"curve": GRID},
+        masks={"curve": measured},
+    )
+    eig = model.expected_information_gain(data, about="physics")
+    probs = model.cluster_posterior(data, given=["image"])
+    gains = physics_parameter_gain(model.module, "curve").double().numpy()
+    assert np.all(eig[measured] == 0)
+    np.testing.assert_allclose(eig[~measured], (probs @ gains)[~measured], rtol=1e-5)
+    assert eig[~measured].min() > 0.1
+
+
+def test_the_jacobian_of_a_constrained_expert_is_taken_in_unconstrained_coordinates():
+    from pima_pyro import Custom
+    from pima_pyro.inference.design import curve_jacobian
+
+    expert = Custom(
+        lambda t, a: a * torch.exp(-t), {"a": (1,)}, priors={"a": dist_lognormal()}
+    ).bind(1)
+    grid = torch.tensor(GRID, dtype=torch.float64)
+    u = torch.tensor([0.4], dtype=torch.float64)
+    jac = curve_jacobian(expert.double(), grid, u)  # a = exp(u): d f / d u = exp(u) exp(-t)
+    np.testing.assert_allclose(jac[:, 0].numpy(), np.exp(0.4) * np.exp(-GRID), rtol=1e-10)
+
+
+def dist_lognormal():
+    import pyro.distributions as dist
+
+    return dist.LogNormal(torch.zeros(1), torch.ones(1)).to_event(1)

@@ -15,6 +15,20 @@ expectation over :math:`y` is Monte Carlo: :math:`c_j \sim p(c \mid x_S)`,
 reported beside the estimate. Baselines: uncertainty sampling (the entropy
 :math:`\mathbb H[p(c \mid x_S)]`, an upper bound of the EIG) and random choice.
 
+About the physics (``about="physics"``, :func:`physics_parameter_gain`, under Bayesian
+globals): the information the measurement carries about its cluster's parameters,
+:math:`I(\theta_c; y \mid c, x_S) = \sum_c p(c \mid x_S)\, g_c` with, for the guide's
+:math:`\theta_c = T(u_c)`, :math:`u_c \sim \mathcal N(m_c, \operatorname{diag} d_c^2)`,
+
+.. math::
+
+    g_c = \tfrac12 \log\det\bigl(I + s_c^{-2}\, D_c J_c^\top J_c D_c\bigr), \qquad
+    J_c = \partial f(t; T(u)) / \partial u \,\big|_{u = m_c}, \quad D_c = \operatorname{diag} d_c,
+
+the Gaussian update linearised at the guide's mean: exact for experts linear in
+:math:`\theta` on the real line, the Laplace approximation otherwise. It does not count what
+the measurement says about :math:`c` itself (that is ``about="cluster"``).
+
 Batch selection (:func:`select_batch`) is greedy: each pick maximises
 :math:`\mathrm{EIG}_n \,(1 - \max_{i \in \text{picked}} \mathrm{BC}(p_n, p_i))`, where
 :math:`\mathrm{BC}(p, q) = \sum_c \sqrt{p_c q_c}` is the Bhattacharyya coefficient of the two
@@ -24,9 +38,12 @@ discounted, so b picks are not b near-duplicates of the single best one.
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import torch
 
+from pima_pyro.models.experts import PhysicsExpert
 from pima_pyro.models.mixture import cluster_log_posterior_from_joint
 from pima_pyro.models.module import PIMAModule
 
@@ -68,6 +85,40 @@ def physics_information_gain(
     posterior = cluster_log_posterior_from_joint(log_prior[:, None, :] + log_lik)
     gains = entropy(log_prior)[:, None] - entropy(posterior)  # (N, J)
     return gains.mean(1), gains.std(1) / num_samples**0.5
+
+
+def physics_parameter_gain(net: PIMAModule, measure: str) -> torch.Tensor:
+    """:math:`g_c` (K,) of the module docstring: the information about cluster c's physics
+    parameters from one measurement of ``measure`` on a sample known to be in c."""
+    if not net.bayesian_globals:
+        raise ValueError(
+            "about='physics' needs bayesian_globals=True: with point estimates the physics "
+            "parameters carry no uncertainty to reduce"
+        )
+    if measure not in net.physics_names:
+        raise ValueError(
+            f"measure: '{measure}' is not a physics modality of the model "
+            f"({list(net.physics_names)})"
+        )
+    module = net.modalities[measure]
+    expert = module.expert
+    loc = expert.theta_unconstrained.detach()
+    sd = torch.exp(expert.q_theta_log_sd.detach()) * expert.theta_scale
+    noise = expert.noise_scale.detach()
+    jacobians = torch.stack([curve_jacobian(expert, module.grid, u) for u in loc])  # (K, T, P)
+    scaled = jacobians * sd[:, None, :] / noise[:, None, None]
+    eye = torch.eye(loc.shape[1], dtype=loc.dtype, device=loc.device)
+    return 0.5 * torch.logdet(eye + scaled.transpose(1, 2) @ scaled)
+
+
+def curve_jacobian(expert: PhysicsExpert, grid: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    r""":math:`\partial f(t; T(u)) / \partial u` (T, P) at the unconstrained point ``u`` (P,)."""
+    with torch.enable_grad():
+        return torch.autograd.functional.jacobian(partial(_curve_at, expert, grid), u)
+
+
+def _curve_at(expert: PhysicsExpert, grid: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    return expert.expected_curve(expert.theta_transform(u), grid)
 
 
 def select_batch(scores: np.ndarray, cluster_probs: np.ndarray, size: int) -> np.ndarray:
