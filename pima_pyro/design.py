@@ -42,8 +42,10 @@ def choose(
     strategy: str,
     size: int,
     rng: np.random.Generator,
+    about: str = "cluster",
 ) -> np.ndarray:
-    """``size`` samples without ``measure`` to measure next, by ``strategy``."""
+    """``size`` samples without ``measure`` to measure next, by ``strategy`` (``"eig"`` about
+    ``about``: ``"cluster"``, or ``"physics"`` under Bayesian globals)."""
     candidates = np.flatnonzero(~data.masks[measure].numpy())
     size = min(size, candidates.size)
     if strategy == "random":
@@ -51,7 +53,8 @@ def choose(
     others = [n for n in model.specs if n != measure and n in data.values]
     probs = model.cluster_posterior(data, given=others)[candidates]
     if strategy == "eig":
-        scores = model.expected_information_gain(data, measure, given=others)[candidates]
+        scores = model.expected_information_gain(data, measure, given=others, about=about)
+        scores = scores[candidates]
     elif strategy == "entropy":
         scores = model.cluster_entropy(data, given=others)[candidates]
     else:
@@ -70,9 +73,12 @@ def measurement_loop(
     evaluate: Callable[[PIMA], dict[str, Any]],
     fit_options: dict[str, Any] | None = None,
     seed: int = 0,
+    about: str = "cluster",
 ) -> list[dict[str, Any]]:
-    """Run ``rounds`` rounds; returns one record per fit: the fraction of ``measure`` known,
-    ``evaluate(model)`` and the seconds of that round (fit + choice)."""
+    """Run ``rounds`` rounds (``about``: what ``"eig"`` counts information about, as in
+    :meth:`~pima_pyro.PIMA.expected_information_gain`); returns one record per fit: the
+    fraction of ``measure`` known, ``evaluate(model)`` and the seconds of that round (fit +
+    choice)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     rng = np.random.default_rng(seed)
@@ -84,7 +90,7 @@ def measurement_loop(
         model.fit(current, **{"progress": False, "logger": False, **(fit_options or {})})
         record = {"round": round_, "fraction": float(known.mean()), **evaluate(model)}
         if round_ < rounds:
-            known[choose(model, current, measure, strategy, batch, rng)] = True
+            known[choose(model, current, measure, strategy, batch, rng, about)] = True
         record["seconds"] = time.perf_counter() - start
         history.append(record)
     return history

@@ -112,7 +112,11 @@ def test_a_surplus_cluster_is_removed_and_reported_inactive():
     assert int(net.mixture.active.sum()) == 4
     sample = move_sample(data.to_batch(), net.latent_dim, seed=0)
     before = elbo_of(net, sample)
-    kept = joint_split_and_merge(net, data.to_batch(), seed=0)
+    unpruned = copy.deepcopy(net)
+    kept = joint_split_and_merge(unpruned, data.to_batch(), seed=0)
+    assert all(kind != "remove" for kind, _ in kept)
+    assert bool(unpruned.mixture.active.all())  # removals only when asked for
+    kept = joint_split_and_merge(net, data.to_batch(), seed=0, remove=True)
     assert [kind for kind, _ in kept].count("remove") == 1
     params = model.mixture_parameters()
     assert (

@@ -88,6 +88,7 @@ class LoopOptions:
     cross_modal_weight: float = 1.0
     joint_moves: int = 3
     lr_decay: float = 1.0
+    prune_clusters: bool = False
 
 
 def epoch_seed(seed: int, epoch: int, step: int = -1) -> int:
@@ -243,7 +244,11 @@ class PIMATrainingPlan(pl.LightningModule):
         if epoch == anchor_end and self.schedule.anchor_epochs > 0 and self.options.joint_moves:
             assert self.full is not None
             joint_split_and_merge(
-                self.net, self.full, self.options.seed, rounds=self.options.joint_moves
+                self.net,
+                self.full,
+                self.options.seed,
+                rounds=self.options.joint_moves,
+                remove=self.options.prune_clusters,
             )
         lr = self.options.lr * self.schedule.lr_factor(epoch, self.options.lr_decay)
         for optimizer in self.trainer.optimizers:
