@@ -198,7 +198,7 @@ def _best_move(
             net.mixture.active[clusters[0]] = False
         refit_from_responsibilities(net, sample, resp)
         score = elbo_of(net, sample) + (penalty if kind == "remove" else 0.0)
-        if np.isfinite(score) and score > best_score + 1e-9 * abs(best_score):
+        if np.isfinite(score) and score > best_score + 1e-6 * abs(best_score):
             best_score, best_state, best_move = score, copy.deepcopy(net.state_dict()), move
     net.load_state_dict(start if best_state is None else best_state)
     return best_move
