@@ -33,6 +33,6 @@ def test_notebook_executes(path, tmp_path, monkeypatch):
     assert not errors
 
 
-def test_there_are_three_notebooks():
-    assert len(NOTEBOOKS) == 3
+def test_there_are_four_notebooks():
+    assert len(NOTEBOOKS) == 4
     assert os.path.exists(NOTEBOOKS[0])
