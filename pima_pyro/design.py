@@ -35,6 +35,20 @@ def with_known(data: MultimodalData, measure: str, known: np.ndarray) -> Multimo
     )
 
 
+def check_strategy(model: PIMA, strategy: str, about: str) -> None:
+    """Refuse, before any fit, a strategy or an ``about`` the loop cannot honour."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if about not in ("cluster", "physics"):
+        raise ValueError(f"about: must be 'cluster' or 'physics', got {about!r}")
+    if about == "physics" and strategy != "eig":
+        raise ValueError(
+            f"about='physics' applies to strategy='eig' only, got strategy={strategy!r}"
+        )
+    if about == "physics" and not model.bayesian_globals:
+        raise ValueError("about='physics' needs a model with bayesian_globals=True")
+
+
 def choose(
     model: PIMA,
     data: MultimodalData,
@@ -46,6 +60,7 @@ def choose(
 ) -> np.ndarray:
     """``size`` samples without ``measure`` to measure next, by ``strategy`` (``"eig"`` about
     ``about``: ``"cluster"``, or ``"physics"`` under Bayesian globals)."""
+    check_strategy(model, strategy, about)
     candidates = np.flatnonzero(~data.masks[measure].numpy())
     size = min(size, candidates.size)
     if strategy == "random":
@@ -55,10 +70,8 @@ def choose(
     if strategy == "eig":
         scores = model.expected_information_gain(data, measure, given=others, about=about)
         scores = scores[candidates]
-    elif strategy == "entropy":
+    else:  # "entropy" (check_strategy refused the rest)
         scores = model.cluster_entropy(data, given=others)[candidates]
-    else:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     return candidates[select_batch(np.clip(scores, 0, None), probs, size)]
 
 
@@ -79,8 +92,7 @@ def measurement_loop(
     :meth:`~pima_pyro.PIMA.expected_information_gain`); returns one record per fit: the
     fraction of ``measure`` known, ``evaluate(model)`` and the seconds of that round (fit +
     choice)."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    check_strategy(model, strategy, about)
     rng = np.random.default_rng(seed)
     known = np.asarray(known, dtype=bool).copy()
     history = []

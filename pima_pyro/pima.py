@@ -299,9 +299,10 @@ class PIMA:
         seed: int = 0,
         return_se: bool = False,
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-        """Expected reduction of the entropy of p(c | ``given``) from measuring the physics
-        modality ``measure`` of each sample (:mod:`pima_pyro.inference.design`; exact over c,
-        Monte Carlo over the predicted measurement). ``given`` defaults to every modality of
+        """Expected information from measuring the physics modality ``measure`` of each sample
+        (:mod:`pima_pyro.inference.design`): with ``about="cluster"`` the expected reduction
+        of the entropy of p(c | ``given``) (exact over c, Monte Carlo over the predicted
+        measurement). ``given`` defaults to every modality of
         the model in ``data`` but ``measure``; samples that already have ``measure`` get 0.
         With ``return_se`` also the Monte-Carlo standard errors. ``about="physics"``: the
         information about the sample's cluster's physics parameters under

@@ -214,20 +214,64 @@ def test_physics_gain_of_a_sample_is_its_cluster_posterior_times_the_cluster_gai
     assert eig[~measured].min() > 0.1
 
 
-def test_the_jacobian_of_a_constrained_expert_is_taken_in_unconstrained_coordinates():
-    from pima_pyro import Custom
-    from pima_pyro.inference.design import curve_jacobian
-
-    expert = Custom(
-        lambda t, a: a * torch.exp(-t), {"a": (1,)}, priors={"a": dist_lognormal()}
-    ).bind(1)
-    grid = torch.tensor(GRID, dtype=torch.float64)
-    u = torch.tensor([0.4], dtype=torch.float64)
-    jac = curve_jacobian(expert.double(), grid, u)  # a = exp(u): d f / d u = exp(u) exp(-t)
-    np.testing.assert_allclose(jac[:, 0].numpy(), np.exp(0.4) * np.exp(-GRID), rtol=1e-10)
+def _decay(t, a, k):
+    return a * torch.exp(-k * t)
 
 
-def dist_lognormal():
+def test_physics_gain_with_two_parameters_one_constrained_and_cluster_noises():
+    """f = a exp(-k t), k > 0 (LogNormal prior: the guide is Gaussian in u = log k). The gain
+    against the T-space determinant with the Jacobian written by hand."""
     import pyro.distributions as dist
 
-    return dist.LogNormal(torch.zeros(1), torch.ones(1)).to_event(1)
+    from pima_pyro import Custom
+    from pima_pyro.inference.design import physics_parameter_gain
+
+    rng = np.random.default_rng(0)
+    data = MultimodalData(
+        {"image": rng.random((30, 2, 2)), "curve": rng.random((30, GRID.size))},
+        grids={"curve": GRID},
+    )
+    prior_k = dist.LogNormal(torch.zeros(1), torch.ones(1)).to_event(1)
+    expert = Custom(_decay, {"a": (1,), "k": (1,)}, priors={"k": prior_k})
+    specs = {"image": GaussianModality(hidden=(4,)), "curve": PhysicsModality(expert=expert)}
+    model = PIMA(specs, n_clusters=2, latent_dim=2, bayesian_globals=True)
+    model.fit(data, epochs=1, progress=False, logger=False, num_threads=1)
+    fitted = model.module.modalities["curve"].expert
+    theta = np.array([[1.0, 0.5], [2.0, 1.5]])
+    noise = np.array([0.3, 0.6])
+    sd = np.array([[0.2, 0.4], [0.5, 0.1]])  # guide sd of (a, log k)
+    fitted.set_theta(torch.tensor(theta, dtype=torch.float32))
+    fitted.set_noise_scale(torch.tensor(noise, dtype=torch.float32))
+    with torch.no_grad():
+        fitted.q_theta_log_sd.copy_(torch.log(torch.tensor(sd) / fitted.theta_scale.double()))
+    gains = physics_parameter_gain(model.module, "curve").double().numpy()
+    for c in range(2):
+        a, k = theta[c]
+        jac = np.stack([np.exp(-k * GRID), -a * GRID * k * np.exp(-k * GRID)], axis=1)
+        cov = np.eye(GRID.size) + jac @ np.diag(sd[c] ** 2) @ jac.T / noise[c] ** 2
+        assert gains[c] == pytest.approx(0.5 * np.linalg.slogdet(cov)[1], rel=1e-4)
+
+
+def test_the_measurement_loop_refuses_about_physics_it_cannot_honour_before_fitting():
+    from pima_pyro.design import measurement_loop
+
+    rng = np.random.default_rng(0)
+    data = MultimodalData(
+        {"image": rng.random((12, 2, 2)), "curve": rng.random((12, 1))},
+        grids={"curve": np.array([1.0])},
+    )
+    specs = {
+        "image": GaussianModality(hidden=(4,)),
+        "curve": PhysicsModality(expert=LinearThroughOrigin()),
+    }
+    point = PIMA(specs, n_clusters=2, latent_dim=2)
+    known = np.arange(12) < 4
+    for model, strategy, match in (
+        (point, "eig", "bayesian_globals"),
+        (PIMA(specs, n_clusters=2, latent_dim=2, bayesian_globals=True), "random", "strategy"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            measurement_loop(model, data, "curve", known, strategy, 2, 1, dict, about="physics")
+        assert model.module is None  # refused before any fit
+    with pytest.raises(ValueError, match="about"):
+        measurement_loop(point, data, "curve", known, "eig", 2, 1, dict, about="theta")

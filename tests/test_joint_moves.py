@@ -11,6 +11,7 @@ from pima_pyro import PIMA, GaussianModality, LinearThroughOrigin, MultimodalDat
 from pima_pyro.inference.initialization import em_from_responsibilities, em_problem
 from pima_pyro.inference.joint_moves import (
     elbo_of,
+    joint_params_per_cluster,
     joint_split_and_merge,
     move_sample,
     refit_from_responsibilities,
@@ -110,6 +111,9 @@ def test_a_surplus_cluster_is_removed_and_reported_inactive():
         model.fit(data, epochs=30, seed=0, progress=False, logger=False, joint_moves=0)
     net = model.module
     assert int(net.mixture.active.sum()) == 4
+    assert joint_params_per_cluster(net) == 1 + 2 * 2 + (
+        1 + 1
+    )  # weight, latent mu and sigma, slope and noise
     sample = move_sample(data.to_batch(), net.latent_dim, seed=0)
     before = elbo_of(net, sample)
     unpruned = copy.deepcopy(net)

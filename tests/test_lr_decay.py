@@ -24,6 +24,19 @@ def test_lr_factor_is_one_until_the_full_phase_then_a_half_cosine_to_the_final_f
     assert [schedule.lr_factor(e, 1.0) for e in range(11)] == [1.0] * 11
 
 
+class StepSizes:
+    """``on_step`` hook: mean absolute change of one weight tensor per step, per epoch."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight, self.last = weight, weight.detach().clone()
+        self.sizes: dict[int, list[float]] = {}
+
+    def __call__(self, epoch: int, step: int) -> None:
+        change = float((self.weight.detach() - self.last).abs().mean())
+        self.sizes.setdefault(epoch, []).append(change)
+        self.last = self.weight.detach().clone()
+
+
 def _step_sizes(lr_decay: float) -> dict[int, float]:
     """Mean absolute change per step of the image decoder's weights, per epoch."""
     torch.set_num_threads(1)
@@ -32,18 +45,10 @@ def _step_sizes(lr_decay: float) -> dict[int, float]:
     torch.manual_seed(0)
     model.build(data)
     assert model.module is not None
-    weight = next(model.module.modalities["image"].parameters())
-    last = weight.detach().clone()
-    sizes: dict[int, list[float]] = {}
-
-    def on_step(epoch: int, step: int) -> None:
-        nonlocal last
-        sizes.setdefault(epoch, []).append(float((weight.detach() - last).abs().mean()))
-        last = weight.detach().clone()
-
+    hook = StepSizes(next(model.module.modalities["image"].parameters()))
     model.fit(data, epochs=8, anchor_epochs=2, batch_size=32, seed=0, progress=False,
-              lr_decay=lr_decay, on_step=on_step, logger=False, joint_moves=0)  # fmt: skip
-    return {epoch: float(np.mean(v)) for epoch, v in sizes.items()}
+              lr_decay=lr_decay, on_step=hook, logger=False, joint_moves=0)  # fmt: skip
+    return {epoch: float(np.mean(v)) for epoch, v in hook.sizes.items()}
 
 
 def test_the_optimiser_takes_the_decayed_step_in_the_last_epoch():

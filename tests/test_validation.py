@@ -409,3 +409,10 @@ def test_load_refuses_wrong_file(tmp_path):
     torch.save([1, 2, 3], tmp_path / "x.pt")
     with pytest.raises(ValueError, match="not a pima-pyro model file"):
         PIMA.load(tmp_path / "x.pt")
+
+
+def test_an_expert_passed_as_the_shape_is_refused_naming_the_keyword():
+    from pima_pyro import PIMA, LinearThroughOrigin, PhysicsModality
+
+    with pytest.raises(TypeError, match=r"modality 'curve': shape must be a tuple .*expert="):
+        PIMA({"curve": PhysicsModality(LinearThroughOrigin())}, n_clusters=2, latent_dim=2)

@@ -25,9 +25,12 @@ globals): the information the measurement carries about its cluster's parameters
     g_c = \tfrac12 \log\det\bigl(I + s_c^{-2}\, D_c J_c^\top J_c D_c\bigr), \qquad
     J_c = \partial f(t; T(u)) / \partial u \,\big|_{u = m_c}, \quad D_c = \operatorname{diag} d_c,
 
-the Gaussian update linearised at the guide's mean: exact for experts linear in
-:math:`\theta` on the real line, the Laplace approximation otherwise. It does not count what
-the measurement says about :math:`c` itself (that is ``about="cluster"``).
+the Gaussian update with the curve linearised at the guide's mean and the noise at the
+guide's centre :math:`s_c`: exact for experts linear in :math:`\theta` on the real line (given
+that noise), a first-order approximation otherwise. Mutual information does not depend on the
+coordinates of :math:`\theta`; working in :math:`u`, where the guide is Gaussian, only decides
+where the curve is linearised. It does not count what the measurement says about :math:`c`
+itself (that is ``about="cluster"``). Inactive clusters get 0.
 
 Batch selection (:func:`select_batch`) is greedy: each pick maximises
 :math:`\mathrm{EIG}_n \,(1 - \max_{i \in \text{picked}} \mathrm{BC}(p_n, p_i))`, where
@@ -38,12 +41,9 @@ discounted, so b picks are not b near-duplicates of the single best one.
 
 from __future__ import annotations
 
-from functools import partial
-
 import numpy as np
 import torch
 
-from pima_pyro.models.experts import PhysicsExpert
 from pima_pyro.models.mixture import cluster_log_posterior_from_joint
 from pima_pyro.models.module import PIMAModule
 
@@ -102,23 +102,13 @@ def physics_parameter_gain(net: PIMAModule, measure: str) -> torch.Tensor:
         )
     module = net.modalities[measure]
     expert = module.expert
-    loc = expert.theta_unconstrained.detach()
-    sd = torch.exp(expert.q_theta_log_sd.detach()) * expert.theta_scale
+    sd = expert.guide_theta_sd().detach()
     noise = expert.noise_scale.detach()
-    jacobians = torch.stack([curve_jacobian(expert, module.grid, u) for u in loc])  # (K, T, P)
+    jacobians = expert.curve_jacobian(expert.theta_unconstrained, module.grid)  # (K, T, P)
     scaled = jacobians * sd[:, None, :] / noise[:, None, None]
-    eye = torch.eye(loc.shape[1], dtype=loc.dtype, device=loc.device)
-    return 0.5 * torch.logdet(eye + scaled.transpose(1, 2) @ scaled)
-
-
-def curve_jacobian(expert: PhysicsExpert, grid: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    r""":math:`\partial f(t; T(u)) / \partial u` (T, P) at the unconstrained point ``u`` (P,)."""
-    with torch.enable_grad():
-        return torch.autograd.functional.jacobian(partial(_curve_at, expert, grid), u)
-
-
-def _curve_at(expert: PhysicsExpert, grid: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    return expert.expected_curve(expert.theta_transform(u), grid)
+    eye = torch.eye(sd.shape[1], dtype=sd.dtype, device=sd.device)
+    gain = 0.5 * torch.logdet(eye + scaled.transpose(1, 2) @ scaled)
+    return torch.where(net.mixture.active, gain, torch.zeros_like(gain))
 
 
 def select_batch(scores: np.ndarray, cluster_probs: np.ndarray, size: int) -> np.ndarray:

@@ -19,7 +19,7 @@ r"""A start that avoids the known GMM-VAE collapse (DESIGN section 8).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -72,8 +72,14 @@ class _EMData:
 
     @property
     def params_per_cluster(self) -> int:
-        """Free parameters of one cluster: theta and noise of every modality, and its weight."""
-        return sum(self.experts[n].num_params + 1 for n in self.y) + 1
+        """Free parameters of one cluster (:func:`physics_params_per_cluster`)."""
+        return physics_params_per_cluster([self.experts[n] for n in self.y])
+
+
+def physics_params_per_cluster(experts: Iterable[PhysicsExpert]) -> int:
+    """Free parameters of one cluster of the physics mixture: theta and noise of every
+    expert, and its weight."""
+    return sum(expert.num_params + 1 for expert in experts) + 1
 
 
 def _kmeans_plus_plus(features: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -465,7 +471,9 @@ def merge_and_split(
 
 def bic_cluster_penalty(params_per_cluster: int, n_samples: int) -> float:
     r"""What one cluster must add to a log-likelihood to be kept under the Bayesian information
-    criterion :math:`-2\log L + p\log N`: :math:`\tfrac12 p_c \log N`."""
+    criterion :math:`-2\log L + p\log N`: :math:`\tfrac12 p_c \log N`, :math:`N` the rows
+    the log-likelihood sums over (the samples with a curve for the physics EM's pruning, every
+    sample for the ELBO of the joint moves)."""
     return 0.5 * params_per_cluster * math.log(max(n_samples, 2))
 
 

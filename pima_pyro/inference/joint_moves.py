@@ -39,6 +39,7 @@ from pima_pyro.inference.initialization import (
     em_problem,
     merge_and_split,
     mixture_from_embeddings,
+    physics_params_per_cluster,
     split_merge_candidates,
 )
 from pima_pyro.inference.posterior import cluster_log_posterior, latent_posterior
@@ -114,8 +115,8 @@ def elbo_of(net: PIMAModule, sample: Batch) -> float:
 def joint_params_per_cluster(net: PIMAModule) -> int:
     """Free parameters one cluster adds: its weight, its latent mean and scale, and theta and
     noise of every physics modality."""
-    physics = sum(net.modalities[p].expert.num_params + 1 for p in net.physics_names)
-    return 1 + 2 * net.latent_dim + physics
+    experts = [net.modalities[p].expert for p in net.physics_names]
+    return physics_params_per_cluster(experts) + 2 * net.latent_dim
 
 
 def without_cluster(log_resp: torch.Tensor, j: int) -> torch.Tensor:

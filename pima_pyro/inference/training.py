@@ -84,9 +84,9 @@ class FitOptions:
         lr_decay: the learning rate falls along a half cosine from ``lr`` to ``lr * lr_decay``
             over the epochs after the warm-up and anchor phases (set at the start of each
             epoch, so a resumed fit follows the same schedule); ``1`` keeps it constant.
-            Stochastic-gradient fits need a falling step to settle (Robbins-Monro): with a
-            constant step the digits demo's image-only test accuracy wanders by +-0.015 from
-            one epoch to the next at the end of a fit.
+            A falling step lets the stochastic-gradient fit settle: with a constant step the
+            digits demo's image-only test accuracy wanders by +-0.015 from one epoch to the
+            next at the end of a fit. No effect when at most one epoch follows the anchor.
         warmup_epochs: epochs of step 2; default 0 when EM on physics modalities started the
             mixture, ``max(1, epochs // 10)`` otherwise; 0 skips steps 2-3.
         anchor_epochs: epochs, after any warm-up, with the physics experts and the mixture

@@ -87,7 +87,7 @@ class LoopOptions:
     num_threads: int | None = None
     cross_modal_weight: float = 1.0
     joint_moves: int = 3
-    lr_decay: float = 1.0
+    lr_decay: float = 0.1
     prune_clusters: bool = False
 
 

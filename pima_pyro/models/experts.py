@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from functools import partial
 
 import pyro.distributions as dist
 import torch
@@ -223,6 +224,25 @@ class PhysicsExpert(nn.Module):
         """:math:`f(t; \\theta)` for ``theta`` of shape (..., P) and grid ``t`` (T,): (..., T)."""
         raise NotImplementedError
 
+    def curve_jacobian(self, unconstrained: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        r""":math:`\partial f(t; T(u_c)) / \partial u_c` (K, T, P) for each row :math:`u_c` of
+        ``unconstrained`` (K, P), :math:`T` = :attr:`theta_transform`: the one derivative the
+        Laplace scales, the unmoved-parameter check and the physics information gain use."""
+        with torch.enable_grad():
+            return torch.stack(
+                [
+                    torch.autograd.functional.jacobian(
+                        partial(_curve_of_unconstrained, self, t), u.detach()
+                    )
+                    for u in unconstrained
+                ]
+            )
+
+    def guide_theta_sd(self) -> torch.Tensor:
+        """Standard deviations (K, P) of the mean-field guide of theta in unconstrained
+        coordinates (only under Bayesian globals, which create ``q_theta_log_sd``)."""
+        return torch.exp(self.q_theta_log_sd) * self.theta_scale
+
     def prior(self) -> dist.Distribution:
         """Prior on one cluster's theta, event shape (P,), for Bayesian globals and MCMC.
 
@@ -262,6 +282,12 @@ class PhysicsExpert(nn.Module):
     def design_matrix(self, t: torch.Tensor) -> torch.Tensor:
         """:math:`\\Phi(t)` of shape (T, P) with :math:`f(t;\\theta) = \\Phi\\theta`."""
         raise NotImplementedError(f"{type(self).__name__} is not linear in theta")
+
+
+def _curve_of_unconstrained(
+    expert: PhysicsExpert, grid: torch.Tensor, unconstrained: torch.Tensor
+) -> torch.Tensor:
+    return expert.expected_curve(expert.theta_transform(unconstrained), grid)
 
 
 def weighted_least_squares(

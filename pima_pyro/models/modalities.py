@@ -43,6 +43,11 @@ class Modality:
                 f"modality '{name}': network must be one of {NETWORKS}, got {self.network!r}"
             )
         if self.shape is not None:
+            if not isinstance(self.shape, tuple | list):
+                raise TypeError(
+                    f"modality '{name}': shape must be a tuple of positive integers, got "
+                    f"{self.shape!r} (an expert goes in expert=...)"
+                )
             if not all(isinstance(s, int) and s > 0 for s in self.shape):
                 raise ValueError(
                     f"modality '{name}': shape must be positive integers, got {self.shape!r}"

@@ -9,13 +9,12 @@ optimisers, ``state_dict`` checkpoints and ``.to(device)``.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from functools import partial
 
 import pyro.distributions as dist
 import torch
 from torch import nn
 
-from pima_pyro.models.experts import DEFAULT_PRIOR_SCALE, PhysicsExpert
+from pima_pyro.models.experts import DEFAULT_PRIOR_SCALE
 from pima_pyro.models.mixture import (
     GaussianMixturePrior,
     restrict_to_active,
@@ -99,7 +98,7 @@ class PIMAModule(nn.Module):
             sites.append(("pi", dist.Dirichlet(concentration)))
         for name in self.physics_names:
             expert = self.modalities[name].expert
-            theta_sd = torch.exp(expert.q_theta_log_sd) * expert.theta_scale
+            theta_sd = expert.guide_theta_sd()
             q_theta: dist.Distribution = dist.Normal(expert.theta_unconstrained, theta_sd).to_event(
                 2
             )
@@ -182,16 +181,7 @@ class PIMAModule(nn.Module):
             expert = module.expert
             n_c = counts[name].to(expert.theta_unit).clamp_min(0.0)
             grid = module.grid
-            with torch.enable_grad():
-                jac = torch.stack(
-                    [
-                        torch.autograd.functional.jacobian(
-                            partial(_curve_of_unconstrained, expert, grid),
-                            expert.theta_unconstrained[c].detach(),
-                        )
-                        for c in range(self.n_clusters)
-                    ]
-                )  # (K, T, P)
+            jac = expert.curve_jacobian(expert.theta_unconstrained, grid)  # (K, T, P)
             weight = (n_c / expert.noise_scale**2)[:, None, None]
             data_precision = jac.transpose(1, 2) @ jac * weight
             eye = torch.eye(data_precision.shape[-1], dtype=jac.dtype, device=jac.device)
@@ -221,9 +211,3 @@ class PIMAModule(nn.Module):
 
     def is_physics(self, name: str) -> bool:
         return isinstance(self.modalities[name].spec, PhysicsModality)
-
-
-def _curve_of_unconstrained(
-    expert: PhysicsExpert, grid: torch.Tensor, unconstrained: torch.Tensor
-) -> torch.Tensor:
-    return expert.expected_curve(expert.theta_transform(unconstrained), grid)
