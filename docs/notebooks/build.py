@@ -314,11 +314,14 @@ ax.legend();"""
         """bayes = pp.PIMA(pp.datasets.affine_modalities(), n_clusters=10, latent_dim=4,
                 bayesian_globals=True)
 bayes.fit(current, epochs=epochs, seed=0, progress=False, logger=False)
+from pima_pyro.inference.design import physics_parameter_gain
+
 physics_gain = bayes.expected_information_gain(current, about="physics", given=["image"])
-slopes = bayes.physics_parameters()["curve"]["theta"][:, 0]
+per_cluster = physics_parameter_gain(bayes.module, "curve").numpy()
 members = np.bincount(bayes.predict_clusters(current)[known], minlength=10)
 best = candidates[np.argmax(physics_gain[candidates])]
-print("curves measured per cluster:", members)
+print("curves measured per cluster:        ", members)
+print("gain of one more curve per cluster: ", per_cluster.round(3))
 print("cluster of the sample with the most to teach about the physics:",
       int(bayes.predict_clusters(current, given=["image"])[best]))"""
     ),
@@ -327,6 +330,8 @@ print("cluster of the sample with the most to teach about the physics:",
 
 def write(name: str, cells: list) -> None:
     notebook = new_notebook(cells=cells)
+    for index, cell in enumerate(notebook.cells):
+        cell["id"] = f"cell-{index}"  # stable ids: a rebuild changes nothing it need not
     notebook.metadata["kernelspec"] = {
         "name": "python3",
         "display_name": "Python 3",
