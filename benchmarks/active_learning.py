@@ -52,6 +52,7 @@ def tribology_setup(seed: int) -> dict:
 
 
 SETUPS = {"digits": digits_setup, "tribology": tribology_setup}
+EM_STARTS = int(__import__("os").environ.get("EM_STARTS", "2"))
 
 
 def evaluator(setup: dict):
@@ -82,7 +83,7 @@ def run(seed: int, strategy: str, epochs: int, dataset: str = "digits") -> list[
     known[rng.choice(n, int(0.05 * n), replace=False)] = True
     torch.manual_seed(seed)
     model = PIMA(setup["specs"], n_clusters=setup["n_clusters"], latent_dim=setup["latent_dim"])
-    options = {"epochs": epochs, "seed": seed, "em_starts": 2, "num_threads": 1}
+    options = {"epochs": epochs, "seed": seed, "em_starts": EM_STARTS, "num_threads": 1}
     return measurement_loop(
         model, train, setup["measure"], known, strategy, batch=int(0.05 * n), rounds=9,
         evaluate=evaluator(setup), fit_options=options, seed=seed,

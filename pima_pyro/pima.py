@@ -253,6 +253,7 @@ class PIMA:
                 f"PIMA: n_clusters={self.n_clusters} exceeds the {data.n_samples} samples"
             )
         torch.manual_seed(int(seed))  # network initialisation
+        refit = self.history is not None  # trained (or loaded) before: align EM's clusters
         if self.module is None:
             self.module = self._build(data)
         else:
@@ -264,7 +265,7 @@ class PIMA:
                 f"({list(self.specs)}) and are ignored",
                 stacklevel=2,
             )
-        self.history = fit(self.module, data, **options)
+        self.history = fit(self.module, data, refit=refit, **options)
         return self.history
 
     # ---- queries -----------------------------------------------------------------------------

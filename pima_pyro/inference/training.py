@@ -50,6 +50,7 @@ from pima_pyro.inference.callbacks import (
     WeightsOnlyCheckpointIO,
     previous_checkpoint,
 )
+from pima_pyro.inference.posterior import cluster_log_posterior
 from pima_pyro.inference.svi import (
     History,
     forget_registered_parameters,
@@ -534,14 +535,51 @@ def make_trainer(
 
 
 def start_from_physics(
-    net: PIMAModule, data: MultimodalData, seed: int, em_starts: int, prune: bool
+    net: PIMAModule,
+    data: MultimodalData,
+    seed: int,
+    em_starts: int,
+    prune: bool,
+    refit: bool = False,
 ) -> tuple[torch.Tensor | None, float | None]:
-    """Step 1 (when there is a physics modality): EM responsibilities and log-likelihood."""
+    """Step 1 (when there is a physics modality): EM responsibilities and log-likelihood.
+
+    ``refit`` (the module was trained before): EM numbers its clusters afresh, so the latent
+    mixture's components are permuted to follow them (:func:`align_latent_mixture`); else the
+    anchor phase would start by moving every encoder's samples to another component."""
     if not net.physics_names:
         return None, None
     full = data.to_batch(device=net.mixture.loc.device, dtype=net.mixture.loc.dtype)
+    previous = None
+    if refit:
+        with torch.no_grad():
+            previous = cluster_log_posterior(net, full, net.modality_names, num_samples=0).exp()
     em = initialize_from_physics(net, full, seed=seed, em_starts=em_starts, prune=prune)
+    if previous is not None:
+        align_latent_mixture(net, previous, em.responsibilities)
     return em.responsibilities.cpu(), em.log_likelihood
+
+
+def matching_permutation(previous: torch.Tensor, current: torch.Tensor) -> np.ndarray:
+    r"""``perm`` (K,) with ``perm[c]`` the previous cluster matched to current cluster ``c``:
+    the one-to-one matching that maximises the samples they share,
+    :math:`\sum_c \sum_n r_{nc}\, p_{n,\mathrm{perm}[c]}` (Hungarian algorithm), from
+    responsibilities ``previous`` and ``current`` (N, K)."""
+    from scipy.optimize import linear_sum_assignment
+
+    shared = (current.double().T @ previous.double().to(current.device)).cpu().numpy()
+    rows, cols = linear_sum_assignment(-shared)
+    perm = np.empty(shared.shape[0], dtype=np.int64)
+    perm[rows] = cols
+    return perm
+
+
+@torch.no_grad()
+def align_latent_mixture(net: PIMAModule, previous: torch.Tensor, current: torch.Tensor) -> None:
+    """Give current cluster c the latent component of the previous cluster matched to it."""
+    perm = torch.as_tensor(matching_permutation(previous, current), device=net.mixture.loc.device)
+    net.mixture.loc.copy_(net.mixture.loc[perm])
+    net.mixture.unconstrained_scale.copy_(net.mixture.unconstrained_scale[perm])
 
 
 def reset_mixture_for_warmup(net: PIMAModule) -> None:
@@ -562,9 +600,10 @@ def validated_options(options: dict[str, Any], bayesian: bool) -> FitOptions:
     return opts
 
 
-def fit(net: PIMAModule, data: MultimodalData, **options: Any) -> History:
+def fit(net: PIMAModule, data: MultimodalData, *, refit: bool = False, **options: Any) -> History:
     """Train ``net`` on ``data`` in place; returns the :class:`History`. The options are the
     fields of :class:`FitOptions` (an unknown one is a ``TypeError`` that lists them).
+    ``refit``: ``net`` was trained before (see :func:`start_from_physics`).
 
     Raises:
         NonFiniteELBOError: the loss became NaN/inf. The epoch is replayed to name the step, the
@@ -591,8 +630,9 @@ def fit(net: PIMAModule, data: MultimodalData, **options: Any) -> History:
     if opts.resume and ckpt_path is not None and ckpt_path.exists():
         resume_from, resume_meta = resume_point(ckpt_path, fingerprint)
     return run_loop(
-        net, train, validation, opts, choice, fingerprint, resume_meta, ckpt_path, resume_from
-    )
+        net, train, validation, opts, choice, fingerprint, resume_meta, ckpt_path, resume_from,
+        refit,
+    )  # fmt: skip
 
 
 def run_loop(
@@ -605,12 +645,13 @@ def run_loop(
     resume_meta: dict[str, Any] | None,
     ckpt_path: Path | None,
     resume_from: Path | None = None,
+    refit: bool = False,
 ) -> History:
     """Steps 1-4 of the schedule: the EM start (unless resuming), then the Trainer."""
     responsibilities, em_log_likelihood = None, None
     if resume_meta is None:
         responsibilities, em_log_likelihood = start_from_physics(
-            net, train, opts.seed, opts.em_starts, opts.prune_clusters
+            net, train, opts.seed, opts.em_starts, opts.prune_clusters, refit
         )
         schedule = make_schedule(
             opts.epochs, opts.warmup_epochs, opts.anchor_epochs, responsibilities is not None
