@@ -52,7 +52,6 @@ def tribology_setup(seed: int) -> dict:
 
 
 SETUPS = {"digits": digits_setup, "tribology": tribology_setup}
-EM_STARTS = int(__import__("os").environ.get("EM_STARTS", "2"))
 
 
 def evaluator(setup: dict):
@@ -74,7 +73,9 @@ def evaluator(setup: dict):
     return evaluate
 
 
-def run(seed: int, strategy: str, epochs: int, dataset: str = "digits") -> list[dict]:
+def run(
+    seed: int, strategy: str, epochs: int, dataset: str = "digits", em_starts: int = 2
+) -> list[dict]:
     setup = SETUPS[dataset](seed)
     train = setup["train"]
     rng = np.random.default_rng(seed)
@@ -83,7 +84,7 @@ def run(seed: int, strategy: str, epochs: int, dataset: str = "digits") -> list[
     known[rng.choice(n, int(0.05 * n), replace=False)] = True
     torch.manual_seed(seed)
     model = PIMA(setup["specs"], n_clusters=setup["n_clusters"], latent_dim=setup["latent_dim"])
-    options = {"epochs": epochs, "seed": seed, "em_starts": EM_STARTS, "num_threads": 1}
+    options = {"epochs": epochs, "seed": seed, "em_starts": em_starts, "num_threads": 1}
     return measurement_loop(
         model, train, setup["measure"], known, strategy, batch=int(0.05 * n), rounds=9,
         evaluate=evaluator(setup), fit_options=options, seed=seed,
@@ -96,12 +97,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--dataset", choices=list(SETUPS), default="digits")
+    parser.add_argument("--em-starts", type=int, default=2, help="EM starts of each refit")
     args = parser.parse_args()
     torch.set_num_threads(1)
     seeds = 2 if args.quick else args.seeds
     start = time.perf_counter()
     runs = {
-        s: [run(seed, s, args.epochs, args.dataset) for seed in range(seeds)] for s in STRATEGIES
+        s: [run(seed, s, args.epochs, args.dataset, args.em_starts) for seed in range(seeds)]
+        for s in STRATEGIES
     }
     curves = {}
     for strategy, histories in runs.items():
