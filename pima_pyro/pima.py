@@ -242,6 +242,10 @@ class PIMA:
         :class:`pima_pyro.inference.training.FitOptions`; every one is checked before the model
         is built. ``strategy="ddp"`` trains data-parallel on ``devices`` processes with
         ``batch_size`` samples each (Lightning's DDP: gloo on CPU, nccl on CUDA).
+
+        Calling ``fit`` again continues from the trained networks (a warm start); the physics
+        EM start runs again and the latent mixture's components are matched to its clusters,
+        so encoders and physics keep pointing at the same clusters.
         """
         from pima_pyro.inference.training import fit, validated_options  # Lightning: on use
 
