@@ -4,8 +4,9 @@
 for some samples (the mask), and each round measures ``batch`` more samples chosen by a
 strategy (``"eig"``, ``"entropy"`` or ``"random"``; :mod:`pima_pyro.inference.design`), then
 refits the model warm-started from the previous round (same networks; the physics EM start
-runs again on the curves known so far). In a simulation "measuring" unmasks the value the data
-set already holds; a lab passes its own ``measure_fn``.
+runs again on the curves known so far and the latent mixture's components are matched to its
+clusters, :func:`pima_pyro.inference.training.start_from_physics`). In a simulation
+"measuring" unmasks the value the data set already holds.
 """
 
 from __future__ import annotations
