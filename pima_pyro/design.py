@@ -24,16 +24,37 @@ from pima_pyro.pima import PIMA
 STRATEGIES = ("eig", "entropy", "random")
 
 
-def with_known(data: MultimodalData, measure: str, known: np.ndarray) -> MultimodalData:
-    """``data`` with ``measure`` observed exactly where ``known`` (and where it was before)."""
+def with_known(
+    data: MultimodalData, measure: str, known: np.ndarray, values: np.ndarray | None = None
+) -> MultimodalData:
+    """``data`` with ``measure`` observed exactly where ``known`` (and where it was before);
+    with ``values`` (N, ...) the measurements taken so far replace the held ones and ``known``
+    alone is the mask."""
     masks = {n: m.numpy().copy() for n, m in data.masks.items()}
-    masks[measure] = masks[measure] & known
+    arrays = {n: v.numpy() for n, v in data.values.items()}
+    if values is None:
+        masks[measure] = masks[measure] & known
+    else:
+        masks[measure], arrays[measure] = known.copy(), values
     return MultimodalData(
-        {n: v.numpy() for n, v in data.values.items()},
+        arrays,
         masks=masks,
         grids={n: g.numpy() for n, g in data.grids.items()},
         labels=None if data.labels is None else data.labels.numpy(),
     )
+
+
+def measured_values(
+    measure_fn: Callable[[np.ndarray], Any], picked: np.ndarray, shape: tuple[int, ...]
+) -> np.ndarray:
+    """``measure_fn(picked)`` checked: finite values of shape ``(len(picked), *shape)``."""
+    values = np.asarray(measure_fn(picked), dtype=np.float64)
+    if values.shape != (len(picked), *shape) or not np.isfinite(values).all():
+        raise ValueError(
+            f"measure_fn must return finite values of shape {(len(picked), *shape)} for the "
+            f"{len(picked)} samples asked for, got shape {values.shape}"
+        )
+    return values
 
 
 def check_strategy(model: PIMA, strategy: str, about: str) -> None:
@@ -88,22 +109,28 @@ def measurement_loop(
     fit_options: dict[str, Any] | None = None,
     seed: int = 0,
     about: str = "cluster",
+    measure_fn: Callable[[np.ndarray], Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Run ``rounds`` rounds (``about``: what ``"eig"`` counts information about, as in
     :meth:`~pima_pyro.PIMA.expected_information_gain`); returns one record per fit: the
     fraction of ``measure`` known, ``evaluate(model)`` and the seconds of that round (fit +
-    choice)."""
+    choice). ``measure_fn(indices)`` takes the measurements (the lab's instrument; values of
+    shape ``(len(indices), ...)``); without it the loop unmasks the values ``data`` holds."""
     check_strategy(model, strategy, about)
     rng = np.random.default_rng(seed)
     known = np.asarray(known, dtype=bool).copy()
+    values = None if measure_fn is None else data.values[measure].numpy().astype(np.float64)
     history = []
     for round_ in range(rounds + 1):
         start = time.perf_counter()
-        current = with_known(data, measure, known)
+        current = with_known(data, measure, known, values)
         model.fit(current, **{"progress": False, "logger": False, **(fit_options or {})})
         record = {"round": round_, "fraction": float(known.mean()), **evaluate(model)}
         if round_ < rounds:
-            known[choose(model, current, measure, strategy, batch, rng, about)] = True
+            picked = choose(model, current, measure, strategy, batch, rng, about)
+            if values is not None:
+                values[picked] = measured_values(measure_fn, picked, values.shape[1:])
+            known[picked] = True
         record["seconds"] = time.perf_counter() - start
         history.append(record)
     return history

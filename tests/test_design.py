@@ -143,6 +143,47 @@ def test_the_measurement_loop_measures_a_batch_per_round_by_each_strategy():
         measurement_loop(model, data, "curve", known, "greedy", 12, 1, evaluate=dict)
 
 
+def test_a_lab_instrument_callback_gives_what_unmasking_the_held_values_gives():
+    from pima_pyro.datasets import affine_modalities, digits_affine
+    from pima_pyro.design import measurement_loop
+
+    data = digits_affine(seed=0).subset(np.arange(120))
+    held = data.values["curve"].numpy()
+    lab = MultimodalData(  # what a lab holds: no curve where none was measured
+        {
+            "image": data.values["image"].numpy(),
+            "curve": np.where(np.arange(120)[:, None] < 12, held, 0.0),
+        },
+        masks={"curve": np.arange(120) < 12},
+        grids={"curve": data.grids["curve"].numpy()},
+        labels=data.labels.numpy(),
+    )
+    asked: list[np.ndarray] = []
+
+    def instrument(indices: np.ndarray) -> np.ndarray:
+        asked.append(np.sort(indices))
+        return held[indices]
+
+    options = {"epochs": 2, "batch_size": 32, "em_starts": 1}
+    histories = []
+    for source, callback in ((data, None), (lab, instrument)):
+        model = PIMA(affine_modalities(hidden=(16,)), n_clusters=10, latent_dim=2)
+        histories.append(measurement_loop(
+            model, source, "curve", np.arange(120) < 12, "eig", batch=12, rounds=2,
+            evaluate=lambda m: {"slopes": m.physics_parameters()["curve"]["theta"][:, 0]},
+            fit_options=options, seed=0, measure_fn=callback,
+        ))  # fmt: skip
+    assert len(asked) == 2 and all(a.size == 12 and a.min() >= 12 for a in asked)
+    for simulated, measured in zip(*histories, strict=True):
+        np.testing.assert_allclose(measured["slopes"], simulated["slopes"], rtol=1e-5, atol=1e-6)
+    model = PIMA(affine_modalities(hidden=(16,)), n_clusters=10, latent_dim=2)
+    with pytest.raises(ValueError, match="measure_fn must return finite values of shape"):
+        measurement_loop(
+            model, lab, "curve", np.arange(120) < 12, "random", 12, 1,
+            evaluate=lambda m: {}, fit_options=options, measure_fn=lambda i: held[i, :5],
+        )  # fmt: skip
+
+
 GRID = np.array([0.5, 1.0, 2.0])
 
 
