@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from pima_pyro.data import MultimodalData
-from pima_pyro.inference.design import select_batch
+from pima_pyro.inference.design import check_about, select_batch
 from pima_pyro.pima import PIMA
 
 STRATEGIES = ("eig", "entropy", "random")
@@ -61,8 +61,7 @@ def check_strategy(model: PIMA, strategy: str, about: str) -> None:
     """Refuse, before any fit, a strategy or an ``about`` the loop cannot honour."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if about not in ("cluster", "physics"):
-        raise ValueError(f"about: must be 'cluster' or 'physics', got {about!r}")
+    check_about(about)
     if about == "physics" and strategy != "eig":
         raise ValueError(
             f"about='physics' applies to strategy='eig' only, got strategy={strategy!r}"

@@ -18,6 +18,7 @@ import xarray as xr
 from pima_pyro.data import MultimodalData
 from pima_pyro.files import PIMAFileError, read_file, spec_from_data, spec_to_data, write_file
 from pima_pyro.inference.design import (
+    check_about,
     entropy,
     physics_information_gain,
     physics_parameter_gain,
@@ -313,8 +314,7 @@ class PIMA:
         information about the sample's cluster's physics parameters under
         ``bayesian_globals=True`` (a linearised Gaussian update, no Monte Carlo: the standard
         errors are 0)."""
-        if about not in ("cluster", "physics"):
-            raise ValueError(f"about: must be 'cluster' or 'physics', got {about!r}")
+        check_about(about)
         net = self._require_fitted()
         if given is None:
             given = [n for n in self.specs if n in data.values and n != measure]

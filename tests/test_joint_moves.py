@@ -33,15 +33,18 @@ def _toy(n_per: int = 80, seed: int = 0):
     return MultimodalData(values, grids={"y": t}, labels=labels)
 
 
+def _toy_specs() -> dict:
+    return {
+        "x": GaussianModality(shape=(8,), scale=0.5),
+        "y": PhysicsModality(expert=LinearThroughOrigin()),
+    }
+
+
 @pytest.fixture(scope="module")
 def fitted():
     torch.set_num_threads(1)
     data = _toy()
-    specs = {
-        "x": GaussianModality(shape=(8,), scale=0.5),
-        "y": PhysicsModality(expert=LinearThroughOrigin()),
-    }
-    model = PIMA(specs, n_clusters=4, latent_dim=2)
+    model = PIMA(_toy_specs(), n_clusters=4, latent_dim=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model.fit(data, epochs=60, seed=0, progress=False, logger=False, num_threads=1)
@@ -101,11 +104,7 @@ def test_a_surplus_cluster_is_removed_and_reported_inactive():
     torch.set_num_threads(1)
     full = _toy()
     data = full.subset(np.flatnonzero(full.labels.numpy() < 3))
-    specs = {
-        "x": GaussianModality(shape=(8,), scale=0.5),
-        "y": PhysicsModality(expert=LinearThroughOrigin()),
-    }
-    model = PIMA(specs, n_clusters=4, latent_dim=2)
+    model = PIMA(_toy_specs(), n_clusters=4, latent_dim=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model.fit(data, epochs=30, seed=0, progress=False, logger=False, joint_moves=0)

@@ -47,6 +47,15 @@ import torch
 from pima_pyro.models.mixture import cluster_log_posterior_from_joint
 from pima_pyro.models.module import PIMAModule
 
+#: What an expected information gain can be about: the sample's cluster, or its physics.
+ABOUT = ("cluster", "physics")
+
+
+def check_about(about: str) -> None:
+    """Refuse an ``about`` that is not one of :data:`ABOUT`."""
+    if about not in ABOUT:
+        raise ValueError(f"about: must be one of {ABOUT}, got {about!r}")
+
 
 def entropy(log_p: torch.Tensor) -> torch.Tensor:
     r""":math:`-\sum_c p_c \log p_c` over the last dim (0 log 0 = 0)."""
