@@ -174,6 +174,7 @@ def physics_mixture_em(
     prune: bool = False,
     start_features: np.ndarray | None = None,
     start_rows: int | None = 5000,
+    gate: bool = True,
 ) -> EMResult:
     """EM for the mixture of physics experts (float64), in three stages:
 
@@ -222,11 +223,33 @@ def physics_mixture_em(
     best = _best_start(search, search_feats, rows, extra, n_clusters, n_starts, rng)
     if split_merge and n_clusters > 2:
         best = split_and_merge(best, search, search_feats)
-    if search is not data:
+    if gate and extra is not None and n_clusters > 1:
+        best = _gated_stage(best, search, extra, rows, seed)
+    if search is not data or (gate and extra is not None and n_clusters > 1):
         best = _refine_on_all_rows(best, data)
     if prune and n_clusters > 1:
         best = prune_clusters(best, data)
     return best
+
+
+def _gated_stage(
+    best: EMResult,
+    search: _EMData,
+    extra: np.ndarray,
+    rows: np.ndarray,
+    seed: int,
+) -> EMResult:
+    """:func:`~pima_pyro.inference.gated_em.gated_split_and_merge` on the ``rows`` of
+    ``search`` with a curve, gated by ``extra`` and splitting on the per-curve estimates joined
+    with ``extra``."""
+    from pima_pyro.inference.gated_em import gated_split_and_merge  # it builds on this module
+
+    keep = torch.as_tensor(rows, device=search.any_observed.device)
+    on_rows = replace(best, responsibilities=best.responsibilities[keep])
+    with_curve = _rows_of(search, keep)
+    # standardised afresh: the rows without a curve sit at the median and shrink the MAD
+    split_features = np.concatenate([_start_features(with_curve), extra[rows]], axis=1)
+    return gated_split_and_merge(on_rows, with_curve, extra[rows], split_features, seed)
 
 
 def _search_problem(
@@ -347,12 +370,25 @@ def _e_step(
     noise2: Mapping[str, torch.Tensor],
 ) -> tuple[torch.Tensor, float]:
     """Responsibilities (N, K) and the total log-likelihood of the samples with a curve."""
-    n = data.any_observed.shape[0]
-    log_joint = log_weights_of(weights, active).expand(n, -1).clone()
+    log_joint = log_weights_of(weights, active) + physics_log_likelihood(data, theta, noise2)
+    return posterior_and_total(data, log_joint)
+
+
+def physics_log_likelihood(
+    data: _EMData, theta: Mapping[str, torch.Tensor], noise2: Mapping[str, torch.Tensor]
+) -> torch.Tensor:
+    r""":math:`\sum_m \log p(y_{mn} \mid c)` (N, K) over the observed physics modalities."""
+    total = torch.zeros(())
     for name in data.y:
         means = data.experts[name].expected_curve(theta[name], data.t[name])
         ll = cluster_log_likelihood(data.y[name], means, noise2[name].sqrt())
-        log_joint = log_joint + ll * data.m[name][:, None]
+        total = total + ll * data.m[name][:, None]
+    return total
+
+
+def posterior_and_total(data: _EMData, log_joint: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Responsibilities (N, K) from ``log_joint`` (N, K) and its log-normaliser summed over
+    the samples with a curve."""
     log_norm = marginalize_clusters(log_joint)
     resp = torch.exp(cluster_log_posterior_from_joint(log_joint))
     return resp, float(log_norm[data.any_observed].sum())
@@ -460,12 +496,31 @@ def merge_and_split(
     out[:, i] += out[:, j]
     out[:, j] = 0.0
     members = np.flatnonzero(resp.argmax(1).cpu().numpy() == k)
+    return _move_half(out, members, k, j, features)
+
+
+def resplit_pair(resp: torch.Tensor, i: int, j: int, features: np.ndarray) -> torch.Tensor:
+    """Responsibilities with the members of i and j pooled and split anew between them by
+    2-means on their ``features``: two clusters that cut one group at random, re-cut along
+    what the features separate."""
+    out = resp.clone()
+    out[:, i] += out[:, j]
+    out[:, j] = 0.0
+    members = np.flatnonzero(np.isin(resp.argmax(1).cpu().numpy(), (i, j)))
+    return _move_half(out, members, i, j, features)
+
+
+def _move_half(
+    out: torch.Tensor, members: np.ndarray, source: int, target: int, features: np.ndarray
+) -> torch.Tensor:
+    """``out`` with the weight of ``source`` moved to ``target`` for one half of ``members``
+    (2-means on their ``features``), in place."""
     if members.size < 2:
         return out
     halves = _kmeans_plus_plus(features[members], 2, np.random.default_rng(0))
-    moved = torch.as_tensor(members[halves == 1], device=resp.device)
-    out[moved, j] = out[moved, k]
-    out[moved, k] = 0.0
+    moved = torch.as_tensor(members[halves == 1], device=out.device)
+    out[moved, target] = out[moved, source]
+    out[moved, source] = 0.0
     return out
 
 

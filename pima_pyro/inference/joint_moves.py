@@ -97,8 +97,15 @@ def place_mixture_on_embeddings(
 ) -> None:
     """The latent mixture's pi, mu and sigma from the embeddings q(z | every observed modality)
     of ``batch``, weighted by ``resp`` (N, K), or a GMM on them when ``resp`` is ``None``
-    (:func:`~pima_pyro.inference.initialization.mixture_from_embeddings`)."""
+    (:func:`~pima_pyro.inference.initialization.mixture_from_embeddings`).
+
+    Only samples with a physics modality observed count: physics EM gives the others
+    responsibilities equal to the weights, which would pull every component to the centre of all the
+    embeddings (half the curves hidden: each component's mean halfway to the centre)."""
     loc, scale = latent_posterior(net, batch, net.modality_names)
+    if resp is not None and net.physics_names:
+        with_physics = torch.stack([batch.observed[p] for p in net.physics_names]).any(0)
+        resp = resp.to(loc) * with_physics[:, None].to(loc)
     weights, mu, sd = mixture_from_embeddings(
         loc, 2 * torch.log(scale), None if resp is None else resp.to(loc), net.n_clusters, seed
     )
