@@ -14,8 +14,10 @@ from pima_pyro.inference.joint_moves import (
     joint_params_per_cluster,
     joint_split_and_merge,
     move_sample,
+    place_mixture_on_embeddings,
     refit_from_responsibilities,
 )
+from pima_pyro.inference.posterior import latent_posterior
 from pima_pyro.inference.svi import set_physics_from_em
 from pima_pyro.metrics import matched_accuracy
 
@@ -130,3 +132,25 @@ def test_a_surplus_cluster_is_removed_and_reported_inactive():
     assert _accuracy(model, data) >= 0.95
     slopes = np.sort(model.physics_parameters()["y"]["theta"][params["active"]].ravel())
     np.testing.assert_allclose(slopes, [1.0, 3.0, 5.0], atol=0.1)
+
+
+def test_the_latent_mixture_is_placed_on_samples_with_a_curve_only(fitted):
+    """Physics EM gives a sample without a curve r = pi; counted, it would pull every
+    component towards the centre of all embeddings. mu_c must be the mean embedding of the
+    samples with a curve in cluster c, exactly."""
+    model, data = fitted
+    net = model.module
+    hidden = copy.deepcopy(data)
+    hidden.masks["y"] = torch.as_tensor(np.arange(data.n_samples) % 2 == 0)
+    batch = hidden.to_batch(dtype=net.mixture.loc.dtype)
+    labels = torch.as_tensor(data.labels)
+    resp = torch.nn.functional.one_hot(labels, 4).double()
+    resp[~hidden.masks["y"]] = 0.25
+    state = copy.deepcopy(net.state_dict())
+    place_mixture_on_embeddings(net, batch, resp)
+    loc, _ = latent_posterior(net, batch, net.modality_names)
+    with_curve = hidden.masks["y"]
+    for c in range(4):
+        expected = loc[with_curve & (labels == c)].mean(0)
+        torch.testing.assert_close(net.mixture.loc[c], expected.to(net.mixture.loc))
+    net.load_state_dict(state)
