@@ -176,14 +176,20 @@ def physics_mixture_em(
     start_rows: int | None = 5000,
     gate: bool = True,
 ) -> EMResult:
-    """EM for the mixture of physics experts (float64), in three stages:
+    """EM for the mixture of physics experts (float64), in four stages:
 
     1. best of ``n_starts`` starts: one from quantiles of the first principal direction of the
        per-curve estimates (:func:`per_curve_estimates`), the others k-means++ on them;
     2. ``split_merge``: split-and-merge moves (:func:`split_and_merge`) while they raise the
        log-likelihood: two clusters on one physics law merge and a cluster holding two laws
        splits, which EM alone never does;
-    3. ``prune``: clusters whose removal lowers BIC (:func:`prune_clusters`) become inactive,
+    3. ``gate`` (with ``start_features``): the same mixture with :math:`\\pi_c` replaced by
+       a held-out gate on ``start_features``, by EM and split-and-merge moves judged by the
+       log-likelihood of the curves given the features
+       (:func:`~pima_pyro.inference.gated_em.gated_split_and_merge`); EM on every sample then
+       starts from its parameters. Where close laws leave the curves between partitions a
+       few nats apart, the other modalities tell which cut is real;
+    4. ``prune``: clusters whose removal lowers BIC (:func:`prune_clusters`) become inactive,
        so a K above the data's number of clusters leaves the surplus empty.
 
     Experts that are not linear in theta take at most 50 EM iterations per run, each M-step an
@@ -223,9 +229,10 @@ def physics_mixture_em(
     best = _best_start(search, search_feats, rows, extra, n_clusters, n_starts, rng)
     if split_merge and n_clusters > 2:
         best = split_and_merge(best, search, search_feats)
-    if gate and extra is not None and n_clusters > 1:
+    gated = gate and extra is not None and n_clusters > 1
+    if gated:
         best = _gated_stage(best, search, extra, rows, seed)
-    if search is not data or (gate and extra is not None and n_clusters > 1):
+    if search is not data or gated:
         best = _refine_on_all_rows(best, data)
     if prune and n_clusters > 1:
         best = prune_clusters(best, data)
