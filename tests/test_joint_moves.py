@@ -147,10 +147,12 @@ def test_the_latent_mixture_is_placed_on_samples_with_a_curve_only(fitted):
     resp = torch.nn.functional.one_hot(labels, 4).double()
     resp[~hidden.masks["y"]] = 0.25
     state = copy.deepcopy(net.state_dict())
-    place_mixture_on_embeddings(net, batch, resp)
-    loc, _ = latent_posterior(net, batch, net.modality_names)
-    with_curve = hidden.masks["y"]
-    for c in range(4):
-        expected = loc[with_curve & (labels == c)].mean(0)
-        torch.testing.assert_close(net.mixture.loc[c], expected.to(net.mixture.loc))
-    net.load_state_dict(state)
+    try:
+        place_mixture_on_embeddings(net, batch, resp)
+        loc, _ = latent_posterior(net, batch, net.modality_names)
+        with_curve = hidden.masks["y"]
+        for c in range(4):
+            expected = loc[with_curve & (labels == c)].mean(0)
+            torch.testing.assert_close(net.mixture.loc[c], expected.to(net.mixture.loc))
+    finally:
+        net.load_state_dict(state)

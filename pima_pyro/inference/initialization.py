@@ -191,7 +191,8 @@ def physics_mixture_em(
        Where close laws leave the curves between partitions a few nats apart, the other
        modalities tell which cut is real;
     4. ``prune``: clusters whose removal lowers BIC (:func:`prune_clusters`) become inactive,
-       so a K above the data's number of clusters leaves the surplus empty.
+       so a K above the data's number of clusters leaves the surplus empty (after the gated
+       stage, EM on the curves alone runs first: pruning compares EM optima).
 
     Experts that are not linear in theta take at most 50 EM iterations per run, each M-step an
     L-BFGS solve.
@@ -200,15 +201,16 @@ def physics_mixture_em(
     ``start_rows`` of them (seeded) and EM on all samples then starts from the E-step of the
     winner's parameters: the 20 EM runs and the split-and-merge moves cost what they cost for
     5,000 curves (MNIST: the start took 129 s of a 160 s fit before, 16 s now); the per-curve
-    estimates and the final EM still see every curve. ``None`` searches on every sample.
+    estimates and the final EM still see every curve (with the gated stage: only its E-step,
+    the parameters come from the ``start_rows``). ``None`` searches on every sample.
 
     ``start_features`` (N, F), e.g. :func:`summary_features` of the images, add ``n_starts``
     starts (quantiles of the first principal direction, then k-means++) on the per-curve
-    estimates joined with them. They only propose partitions: where close physics laws leave
-    EM between optima a few nats apart, the other modalities often point to the better one,
-    and the physics log-likelihood alone chooses among all starts. (Ranking the starts by a
-    joint likelihood with a Gaussian per cluster on the summaries instead chose partitions by
-    writing style: ten decays, seeds 2-4, physics log-likelihood 2-5 nats lower.)
+    estimates joined with them; the physics log-likelihood chooses among all starts, and the
+    gated stage (``gate``) then judges partitions by the curves given these features.
+    (Ranking the starts by a joint likelihood with a Gaussian per cluster on the summaries
+    instead chose partitions by writing style: ten decays, seeds 2-4, physics log-likelihood
+    2-5 nats lower.)
     """
     data = em_problem(curves, masks, experts, grids, max_iter, tol)
     n_obs = int(data.any_observed.sum())
@@ -230,11 +232,13 @@ def physics_mixture_em(
     best = _best_start(search, search_feats, rows, extra, n_clusters, n_starts, rng)
     if split_merge and n_clusters > 2:
         best = split_and_merge(best, search, search_feats)
-    if gate and extra is not None and n_clusters > 1:
+    gated = gate and extra is not None and n_clusters > 1
+    if gated:
         # no EM after it: EM on the curves alone would drift back towards the weights the
         # curves prefer (ten decays, half hidden, seed 3: the 3.0 cluster from 0.10 to 0.05)
         best = _on_all_rows(_gated_stage(best, search, extra, rows, seed), data)
-    elif search is not data:
+    if (search is not data and not gated) or (gated and prune and n_clusters > 1):
+        # pruning compares EM optima: its baseline must be one too
         best = _refine_on_all_rows(best, data)
     if prune and n_clusters > 1:
         best = prune_clusters(best, data)
@@ -387,7 +391,7 @@ def physics_log_likelihood(
     data: _EMData, theta: Mapping[str, torch.Tensor], noise2: Mapping[str, torch.Tensor]
 ) -> torch.Tensor:
     r""":math:`\sum_m \log p(y_{mn} \mid c)` (N, K) over the observed physics modalities."""
-    total = torch.zeros(())
+    total = torch.zeros((), dtype=torch.float64)  # (N, K) after the first modality
     for name in data.y:
         means = data.experts[name].expected_curve(theta[name], data.t[name])
         ll = cluster_log_likelihood(data.y[name], means, noise2[name].sqrt())

@@ -42,7 +42,11 @@ from pima_pyro.inference.initialization import (
     physics_params_per_cluster,
     split_merge_candidates,
 )
-from pima_pyro.inference.posterior import cluster_log_posterior, latent_posterior
+from pima_pyro.inference.posterior import (
+    any_observed_rows,
+    cluster_log_posterior,
+    latent_posterior,
+)
 from pima_pyro.inference.svi import set_physics_from_em, validation_loss
 from pima_pyro.models.module import PIMAModule
 
@@ -104,7 +108,7 @@ def place_mixture_on_embeddings(
     embeddings (half the curves hidden: each component's mean halfway to the centre)."""
     loc, scale = latent_posterior(net, batch, net.modality_names)
     if resp is not None and net.physics_names:
-        with_physics = torch.stack([batch.observed[p] for p in net.physics_names]).any(0)
+        with_physics = any_observed_rows(batch, net.physics_names, slice(0, batch.size))
         resp = resp.to(loc) * with_physics[:, None].to(loc)
     weights, mu, sd = mixture_from_embeddings(
         loc, 2 * torch.log(scale), None if resp is None else resp.to(loc), net.n_clusters, seed
