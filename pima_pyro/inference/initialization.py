@@ -183,13 +183,10 @@ def physics_mixture_em(
     2. ``split_merge``: split-and-merge moves (:func:`split_and_merge`) while they raise the
        log-likelihood: two clusters on one physics law merge and a cluster holding two laws
        splits, which EM alone never does;
-    3. ``gate`` (with ``start_features``): the same mixture with :math:`\\pi_c` replaced by
-       a held-out gate on ``start_features``, by EM and split-and-merge moves judged by the
-       log-likelihood of the curves given the features
-       (:func:`~pima_pyro.inference.gated_em.gated_split_and_merge`). Its parameters are
-       returned, with the E-step on every sample; EM on the curves alone is not run after it.
-       Where close laws leave the curves between partitions a few nats apart, the other
-       modalities tell which cut is real;
+    3. ``gate`` (with ``start_features``): :math:`\\pi_c` replaced by a held-out gate on
+       them, EM and moves judged by the curves' log-likelihood given the features
+       (:func:`~pima_pyro.inference.gated_em.gated_split_and_merge`); its parameters are
+       returned with the E-step on every sample, no curve-only EM after it;
     4. ``prune``: clusters whose removal lowers BIC (:func:`prune_clusters`) become inactive,
        so a K above the data's number of clusters leaves the surplus empty (after the gated
        stage, EM on the curves alone runs first: pruning compares EM optima).
