@@ -234,7 +234,7 @@ def physics_mixture_em(
         # no EM after it: EM on the curves alone would drift back towards the weights the
         # curves prefer (ten decays, half hidden, seed 3: the 3.0 cluster from 0.10 to 0.05)
         best = _on_all_rows(_gated_stage(best, search, extra, rows, seed), data)
-    if (search is not data and not gated) or (gated and prune and n_clusters > 1):
+    if (gated and prune) or (not gated and search is not data):
         # pruning compares EM optima: its baseline must be one too
         best = _refine_on_all_rows(best, data)
     if prune and n_clusters > 1:
@@ -508,22 +508,24 @@ def merge_and_split(
     resp: torch.Tensor, i: int, j: int, k: int, features: np.ndarray
 ) -> torch.Tensor:
     """Responsibilities with j merged into i and k's members split between k and j."""
-    out = resp.clone()
-    out[:, i] += out[:, j]
-    out[:, j] = 0.0
     members = np.flatnonzero(resp.argmax(1).cpu().numpy() == k)
-    return _move_half(out, members, k, j, features)
+    return _move_half(_merged(resp, i, j), members, k, j, features)
 
 
 def resplit_pair(resp: torch.Tensor, i: int, j: int, features: np.ndarray) -> torch.Tensor:
     """Responsibilities with the members of i and j pooled and split anew between them by
     2-means on their ``features``: two clusters that cut one group at random, re-cut along
     what the features separate."""
+    members = np.flatnonzero(np.isin(resp.argmax(1).cpu().numpy(), (i, j)))
+    return _move_half(_merged(resp, i, j), members, i, j, features)
+
+
+def _merged(resp: torch.Tensor, i: int, j: int) -> torch.Tensor:
+    """A copy of ``resp`` with cluster j's weight moved into i."""
     out = resp.clone()
     out[:, i] += out[:, j]
     out[:, j] = 0.0
-    members = np.flatnonzero(np.isin(resp.argmax(1).cpu().numpy(), (i, j)))
-    return _move_half(out, members, i, j, features)
+    return out
 
 
 def _move_half(
