@@ -57,14 +57,14 @@ def test_a_sample_gate_never_sees_its_own_label():
     assert held_out_log_gate(features, resp, some_off, seed=0)[:, 1].exp().max() < 1e-100
 
 
-def _two_laws_three_groups(seed: int) -> tuple[dict, torch.Tensor, np.ndarray]:
-    """Groups 0 and 1 follow close lines (slopes 1.0 and 1.3, one noise sd of a curve's own
-    slope apart): the curves alone confuse them, a second modality does not (features
-    centred at -3 and +3). Group 2: slope 3."""
+def _two_laws_three_groups(seed: int, gap: float = 0.3) -> tuple[dict, torch.Tensor, np.ndarray]:
+    """Groups 0 and 1 follow close lines (slopes 1.0 and 1.0 + ``gap``; 0.3 is one noise sd
+    of a curve's own slope): the curves alone confuse them, a second modality does not
+    (features centred at -3 and +3). Group 2: slope 3."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(3).repeat_interleave(60)
     t = torch.linspace(0.0, 1.0, 10, dtype=torch.float64)
-    slopes = torch.tensor([1.0, 1.3, 3.0], dtype=torch.float64)
+    slopes = torch.tensor([1.0, 1.0 + gap, 3.0], dtype=torch.float64)
     y = slopes[labels, None] * t + 0.3 * torch.randn(180, 10, generator=g).double()
     centres = torch.tensor([[-3.0, 0.0], [3.0, 0.0], [0.0, 3.0]], dtype=torch.float64)
     features = centres[labels] + torch.randn(180, 2, generator=g).double()
@@ -129,3 +129,19 @@ def test_the_gated_start_with_hidden_curves_and_a_subsample_recovers_the_laws():
     np.testing.assert_allclose(slopes.numpy(), [1.0, 1.3, 3.0], atol=0.02)
     np.testing.assert_allclose(em.weights.sum().item(), 1.0)
     torch.testing.assert_close(em.responsibilities[hidden], em.weights.expand(60, -1))
+
+
+def test_pruning_by_the_gated_score_empties_a_copy_but_keeps_laws_the_features_separate():
+    """Three groups, K = 4, two lines only half a noise sd of a curve's slope apart (1.0 and
+    1.15). BIC on the curves alone merges them (two active); BIC on the curves given the
+    features keeps both, each with its law and a third of the samples, and leaves the
+    surplus at weight exactly 0."""
+    for seed in (1, 2):
+        args, features, labels = _two_laws_three_groups(seed, gap=0.15)
+        start = {"n_clusters": 4, "seed": 0, "start_features": features.numpy(), "prune": True}
+        assert physics_mixture_em(**args, **start, gate=False).n_active == 2
+        em = physics_mixture_em(**args, **start)
+        assert em.n_active == 3 and float(em.weights[~em.active].abs().max()) == 0.0
+        slopes = np.sort(em.theta["y"][em.active].flatten().numpy())
+        np.testing.assert_allclose(slopes, [1.0, 1.15, 3.0], atol=0.05)
+        np.testing.assert_allclose(em.weights[em.active].numpy(), 1 / 3, atol=0.03)

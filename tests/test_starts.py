@@ -161,9 +161,14 @@ def _specs():
 
 
 def test_pruned_fit_reports_empty_clusters_and_every_query_gives_them_zero():
+    """Pruning is the default: two true clusters fitted with K = 4 leave two inactive;
+    ``prune_clusters=False`` keeps all four."""
     data = _line_data()
+    kept = PIMA(_specs(), n_clusters=4, latent_dim=2)
+    kept.fit(data, epochs=1, batch_size=40, seed=0, progress=False, prune_clusters=False)
+    assert kept.mixture_parameters()["active"].sum() == 4
     model = PIMA(_specs(), n_clusters=4, latent_dim=2)
-    model.fit(data, epochs=4, batch_size=40, seed=0, progress=False, prune_clusters=True)
+    model.fit(data, epochs=4, batch_size=40, seed=0, progress=False)
     mix = model.mixture_parameters()
     assert mix["active"].sum() == 2
     with torch.no_grad():  # even logits that drifted up leave an inactive cluster empty

@@ -187,9 +187,10 @@ def physics_mixture_em(
        them, EM and moves judged by the curves' log-likelihood given the features
        (:func:`~pima_pyro.inference.gated_em.gated_split_and_merge`); its parameters are
        returned with the E-step on every sample, no curve-only EM after it;
-    4. ``prune``: clusters whose removal lowers BIC (:func:`prune_clusters`) become inactive,
-       so a K above the data's number of clusters leaves the surplus empty (after the gated
-       stage, EM on the curves alone runs first: pruning compares EM optima).
+    4. ``prune``: clusters whose removal lowers BIC become inactive, so a K above the data's
+       number of clusters leaves the surplus empty: BIC of the gated score after stage 3
+       (:func:`~pima_pyro.inference.gated_em.prune_gated`; the curves alone merged rates 2.7
+       and 3.0 of ten decays), else of the physics log-likelihood (:func:`prune_clusters`).
 
     Experts that are not linear in theta take at most 50 EM iterations per run, each M-step an
     L-BFGS solve.
@@ -233,9 +234,8 @@ def physics_mixture_em(
     if gated:
         # no EM after it: EM on the curves alone would drift back towards the weights the
         # curves prefer (ten decays, half hidden, seed 3: the 3.0 cluster from 0.10 to 0.05)
-        best = _on_all_rows(_gated_stage(best, search, extra, rows, seed), data)
-    if (gated and prune) or (not gated and search is not data):
-        # pruning compares EM optima: its baseline must be one too
+        return _on_all_rows(_gated_stage(best, search, extra, rows, seed, prune), data)
+    if search is not data:
         best = _refine_on_all_rows(best, data)
     if prune and n_clusters > 1:
         best = prune_clusters(best, data)
@@ -248,6 +248,7 @@ def _gated_stage(
     extra: np.ndarray,
     rows: np.ndarray,
     seed: int,
+    prune: bool,
 ) -> EMResult:
     """:func:`~pima_pyro.inference.gated_em.gated_split_and_merge` on the ``rows`` of
     ``search`` with a curve, gated by ``extra`` and splitting on the per-curve estimates joined
@@ -259,7 +260,9 @@ def _gated_stage(
     with_curve = _rows_of(search, keep)
     # standardised afresh: the rows without a curve sit at the median and shrink the MAD
     split_features = np.concatenate([_start_features(with_curve), extra[rows]], axis=1)
-    return gated_split_and_merge(on_rows, with_curve, extra[rows], split_features, seed)
+    return gated_split_and_merge(
+        on_rows, with_curve, extra[rows], split_features, seed, prune=prune
+    )
 
 
 def _search_problem(

@@ -15,14 +15,11 @@ the physics EM from those responsibilities, place the latent mixture on the embe
 the highest ELBO on a fixed sample of rows with fixed latent draws (common random numbers). The
 full phase then trains everything from the kept state.
 
-With ``remove`` (``fit(prune_clusters=True)``) the same rounds try removing each active
-cluster, scored by the ELBO plus the BIC penalty of one cluster
-(:func:`~pima_pyro.inference.initialization.bic_cluster_penalty` with
-:func:`joint_params_per_cluster`): a K above the data's then leaves the surplus inactive (five
-unbalanced clusters fitted with K = 7: a surplus copy costs 0.6-3 nats of ELBO, a true
-cluster 123 or more, the penalty 30). Not by default: at the end of the anchor the ELBO
-undervalues what the images will separate later (ten decays: merging rates 2.7 and 3.0 costs
-13 nats there, below the 46-nat penalty, although the trained model tells them apart).
+These rounds do not remove clusters. Removal scored by the ELBO plus a BIC penalty was tried
+here: at the end of the anchor the ELBO undervalues what the images will separate later (ten
+decays: merging rates 2.7 and 3.0 costs 13 nats there, below the 46-nat penalty, although the
+trained model tells them apart). ``fit(prune_clusters=True)`` prunes in the start instead, by
+the BIC of the curves given the images (:func:`~pima_pyro.inference.gated_em.prune_gated`).
 """
 
 from __future__ import annotations
@@ -34,12 +31,10 @@ import torch
 
 from pima_pyro.data import Batch
 from pima_pyro.inference.initialization import (
-    bic_cluster_penalty,
     em_from_responsibilities,
     em_problem,
     merge_and_split,
     mixture_from_embeddings,
-    physics_params_per_cluster,
     split_merge_candidates,
 )
 from pima_pyro.inference.posterior import (
@@ -51,7 +46,7 @@ from pima_pyro.inference.svi import set_physics_from_em, validation_loss
 from pima_pyro.models.module import PIMAModule
 
 #: A move kept by :func:`joint_split_and_merge`: ``("merge_split", (i, j, k))`` merges j into
-#: i and splits k; ``("remove", (j,))`` makes cluster j inactive (weight exactly 0).
+#: i and splits k.
 Move = tuple[str, tuple[int, ...]]
 
 #: Rows the moves look at: the ELBO and the EM of every candidate run on at most this many.
@@ -123,21 +118,6 @@ def elbo_of(net: PIMAModule, sample: Batch) -> float:
     return -validation_loss(net, sample) * sample.n_total
 
 
-def joint_params_per_cluster(net: PIMAModule) -> int:
-    """Free parameters one cluster adds: its weight, its latent mean and scale, and theta and
-    noise of every physics modality."""
-    experts = [net.modalities[p].expert for p in net.physics_names]
-    return physics_params_per_cluster(experts) + 2 * net.latent_dim
-
-
-def without_cluster(log_resp: torch.Tensor, j: int) -> torch.Tensor:
-    """Responsibilities (N, K) given that the cluster is not ``j``: its members go where their
-    posterior puts them next."""
-    return torch.softmax(
-        log_resp.index_fill(1, torch.tensor([j], device=log_resp.device), -torch.inf), 1
-    )
-
-
 def joint_split_and_merge(
     net: PIMAModule,
     full: Batch,
@@ -145,12 +125,11 @@ def joint_split_and_merge(
     rounds: int = 3,
     n_pairs: int = 3,
     n_splits: int = 5,
-    remove: bool = False,
 ) -> list[Move]:
     """At most ``rounds`` rounds; returns the moves kept. Each round compares every move with
     the same refit (:func:`refit_from_responsibilities`) of the current partition, so that
     partitions compete on equal terms, and keeps the best move that beats it; without one the
-    state is left as it was. ``remove``: removals are candidates too."""
+    state is left as it was."""
     if rounds == 0 or not can_move(net):
         return []
     was_training = net.training
@@ -158,7 +137,7 @@ def joint_split_and_merge(
     sample = move_sample(full, net.latent_dim, seed)
     kept: list[Move] = []
     for _ in range(rounds):
-        move = _best_move(net, sample, n_pairs, n_splits, remove)
+        move = _best_move(net, sample, n_pairs, n_splits)
         if move is None:
             break
         kept.append(move)
@@ -166,51 +145,24 @@ def joint_split_and_merge(
     return kept
 
 
-def _candidates(
-    net: PIMAModule,
-    log_resp: torch.Tensor,
-    features: np.ndarray,
-    n_pairs: int,
-    n_splits: int,
-    remove: bool,
-) -> list[tuple[Move, torch.Tensor]]:
-    """Every move with the responsibilities it starts the refit from: merge-and-split moves
-    (:func:`~pima_pyro.inference.initialization.split_merge_candidates`), then the removal of
-    each active cluster while more than two are active (with ``remove``)."""
-    resp = log_resp.exp()
-    active = net.mixture.active
-    out: list[tuple[Move, torch.Tensor]] = [
-        (("merge_split", move), merge_and_split(resp, *move, features))
-        for move in split_merge_candidates(resp, active, features, n_pairs, n_splits)
-    ]
-    if remove and int(active.sum()) > 2:
-        clusters = torch.nonzero(active).flatten().tolist()
-        out += [(("remove", (j,)), without_cluster(log_resp, j)) for j in clusters]
-    return out
-
-
-def _best_move(
-    net: PIMAModule, sample: Batch, n_pairs: int, n_splits: int, remove: bool
-) -> Move | None:
-    """Apply the move with the highest score, if it beats the refit of the current partition;
-    else restore the state and return ``None``. The score is the ELBO, plus, for a removal,
-    the BIC penalty of the cluster removed (:func:`bic_cluster_penalty`), so that a cluster
-    stays only if it raises the ELBO by more than it costs."""
+def _best_move(net: PIMAModule, sample: Batch, n_pairs: int, n_splits: int) -> Move | None:
+    """Apply the merge-and-split move
+    (:func:`~pima_pyro.inference.initialization.split_merge_candidates`) with the highest ELBO,
+    if it beats the refit of the current partition; else restore the state and return
+    ``None``."""
     start = copy.deepcopy(net.state_dict())
-    log_resp = cluster_log_posterior(net, sample, net.modality_names, num_samples=0)
+    resp = cluster_log_posterior(net, sample, net.modality_names, num_samples=0).exp()
     embeddings, _ = latent_posterior(net, sample, net.data_names)
     features = embeddings.detach().double().cpu().numpy()
-    refit_from_responsibilities(net, sample, log_resp.exp())
+    refit_from_responsibilities(net, sample, resp)
     best_score, best_state, best_move = elbo_of(net, sample), None, None
-    penalty = bic_cluster_penalty(joint_params_per_cluster(net), sample.n_total)
-    for move, resp in _candidates(net, log_resp, features, n_pairs, n_splits, remove):
+    active = net.mixture.active
+    for move in split_merge_candidates(resp, active, features, n_pairs, n_splits):
         net.load_state_dict(start)
-        kind, clusters = move
-        if kind == "remove":
-            net.mixture.active[clusters[0]] = False
-        refit_from_responsibilities(net, sample, resp)
-        score = elbo_of(net, sample) + (penalty if kind == "remove" else 0.0)
+        refit_from_responsibilities(net, sample, merge_and_split(resp, *move, features))
+        score = elbo_of(net, sample)
         if np.isfinite(score) and score > best_score + 1e-6 * abs(best_score):
-            best_score, best_state, best_move = score, copy.deepcopy(net.state_dict()), move
+            best_score, best_state = score, copy.deepcopy(net.state_dict())
+            best_move = ("merge_split", move)
     net.load_state_dict(start if best_state is None else best_state)
     return best_move

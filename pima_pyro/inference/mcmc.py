@@ -258,7 +258,7 @@ def _check_nuts_arguments(net, names, num_samples, warmup_steps, num_chains, ini
     if not bool(net.mixture.active.all()):
         # relabelling reorders clusters per draw; the fixed inactive mask would follow no one
         raise ValueError(
-            "physics_nuts: the model has inactive clusters (fit with prune_clusters=True); "
+            "physics_nuts: the model has inactive clusters (pruned by fit, prune_clusters=True); "
             "NUTS with relabelling needs every cluster active: refit with prune_clusters=False "
             "and n_clusters set to the number of active clusters"
         )

@@ -100,24 +100,23 @@ class FitOptions:
         em_starts: EM starts of step 1 (the best is kept, then improved by split-and-merge).
         prune_clusters: in step 1, make inactive (weight exactly 0, reported by
             ``PIMA.mixture_parameters()["active"]``) every cluster whose removal lowers the
-            physics mixture's BIC, so that a K above the data's leaves the surplus empty; the
-            joint moves (``joint_moves``) then also try removing clusters, judged by the ELBO
-            with the images plus the BIC penalty. Only with a physics modality; pass ``False``
-            when clusters share one physics law and only other modalities tell them apart,
-            or when close physics laws must stay apart.
+            BIC of the physics mixture, so that a K above the data's leaves the surplus
+            empty: with a data modality, BIC of the curves given the data modalities
+            (:func:`~pima_pyro.inference.gated_em.prune_gated`), else of the curves. On by
+            default; pass ``False`` when clusters share one physics law and only other
+            modalities tell them apart (the curves cannot pay for such a cluster), or for
+            :func:`~pima_pyro.inference.mcmc.physics_nuts`, which needs every cluster.
         cross_modal_weight: weight of the cross-modal cluster term
             (:mod:`~pima_pyro.inference.cross_modal`): on samples with a data modality and a
             physics modality observed, the cross-entropy from the exact physics cluster
             posterior to the one each data encoder implies alone. It trains the encoders
             only (the generative parameters follow the ELBO alone); ``0`` trains on the
             plain ELBO. The logged ``train_loss`` is the -ELBO either way.
-        joint_moves: rounds of split-and-merge moves (and, with ``prune_clusters``, cluster
-            removals) judged by the joint ELBO at the end of the anchor phase
-            (:mod:`~pima_pyro.inference.joint_moves`): each round keeps the move that raises
-            the ELBO most on up to 5,000 rows (a removal counting the BIC penalty of one
-            cluster as a gain), if any; a removed cluster becomes inactive. ``0`` skips them; they
-            need a physics and a data modality, an anchor phase, point-estimate globals and
-            K > 2, and are skipped otherwise.
+        joint_moves: rounds of split-and-merge moves judged by the joint ELBO at the end
+            of the anchor phase (:mod:`~pima_pyro.inference.joint_moves`): each round keeps
+            the move that raises the ELBO most on up to 5,000 rows, if any. ``0`` skips them;
+            they need a physics and a data modality, an anchor phase, point-estimate globals
+            and K > 2, and are skipped otherwise.
         objective: ``"elbo"`` (Pyro's enumerated ELBO) or ``"closed_form"`` (the seed's
             closed-form mixture terms, :mod:`pima_pyro.inference.closed_form`).
         jit: use ``JitTraceEnum_ELBO`` (default for ``objective="elbo"``; refused with
@@ -164,7 +163,7 @@ class FitOptions:
     num_threads: int | None = None
     progress: bool = True
     em_starts: int = 10
-    prune_clusters: bool = False
+    prune_clusters: bool = True
     cross_modal_weight: float = 1.0
     joint_moves: int = 3
     clip_norm: float | None = 100.0
@@ -666,7 +665,7 @@ def run_loop(
     loop = LoopOptions(
         opts.batch_size, opts.lr, opts.seed, opts.objective, opts.resolved_jit,
         opts.subset_training, opts.clip_norm, opts.num_threads, opts.cross_modal_weight,
-        opts.joint_moves, opts.lr_decay, opts.prune_clusters,
+        opts.joint_moves, opts.lr_decay,
     )  # fmt: skip
     net.train()  # a refit starts from a module a previous fit left in eval mode
     plan = PIMATrainingPlan(

@@ -88,7 +88,6 @@ class LoopOptions:
     cross_modal_weight: float = 1.0
     joint_moves: int = 3
     lr_decay: float = 0.1
-    prune_clusters: bool = False
 
 
 def epoch_seed(seed: int, epoch: int, step: int = -1) -> int:
@@ -248,7 +247,6 @@ class PIMATrainingPlan(pl.LightningModule):
                 self.full,
                 self.options.seed,
                 rounds=self.options.joint_moves,
-                remove=self.options.prune_clusters,
             )
         lr = self.options.lr * self.schedule.lr_factor(epoch, self.options.lr_decay)
         for optimizer in self.trainer.optimizers:
