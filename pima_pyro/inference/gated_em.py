@@ -55,18 +55,29 @@ from pima_pyro.models.mixture import cluster_log_posterior_from_joint, restrict_
 GATE_FOLDS: int = 5
 #: L2 penalty on the gate's weights (not its intercepts), per sample.
 GATE_L2: float = 1e-2
+#: L-BFGS iterations of a gate fit started from the previous EM iteration's gate: each EM
+#: iteration then improves the gate (a generalised EM) instead of solving it afresh, which on
+#: a few rows per cluster took 60-100 iterations every time.
+WARM_GATE_STEPS: int = 20
 
 
-def fit_gate(features: torch.Tensor, resp: torch.Tensor, l2: float = GATE_L2) -> torch.Tensor:
+def fit_gate(
+    features: torch.Tensor,
+    resp: torch.Tensor,
+    l2: float = GATE_L2,
+    start: torch.Tensor | None = None,
+    max_iter: int = 100,
+) -> torch.Tensor:
     r"""Weights (F + 1, K) of the multinomial logistic regression of soft labels ``resp``
     (N, K) on ``features`` (N, F), last row the intercepts: the minimiser of
     :math:`-\frac1N \sum_{n,c} r_{nc} \log \operatorname{softmax}(\tilde x_n W)_c
-    + \lambda \lVert W_{1:F} \rVert^2` (convex; L-BFGS)."""
+    + \lambda \lVert W_{1:F} \rVert^2` (convex; at most ``max_iter`` L-BFGS iterations from
+    ``start``, else from 0)."""
     design = with_intercept(features)
-    weights = torch.zeros(
-        design.shape[1], resp.shape[1], dtype=design.dtype, device=design.device, requires_grad=True
-    )
-    optimizer = torch.optim.LBFGS([weights], max_iter=100, line_search_fn="strong_wolfe")
+    shape = (design.shape[1], resp.shape[1])
+    begin = torch.zeros(shape, dtype=design.dtype, device=design.device) if start is None else start
+    weights = begin.clone().requires_grad_(True)
+    optimizer = torch.optim.LBFGS([weights], max_iter=max_iter, line_search_fn="strong_wolfe")
     n = float(design.shape[0])
 
     def objective() -> torch.Tensor:
@@ -87,31 +98,46 @@ def with_intercept(features: torch.Tensor) -> torch.Tensor:
 
 
 def held_out_log_gate(
-    features: torch.Tensor, resp: torch.Tensor, active: torch.Tensor, seed: int
-) -> torch.Tensor:
-    """:math:`\\log g_c(x_n)` (N, K), each row from a gate fitted on the other
-    :data:`GATE_FOLDS` - 1 folds (a seeded random split); inactive clusters get the empty
-    weight."""
+    features: torch.Tensor,
+    resp: torch.Tensor,
+    active: torch.Tensor,
+    seed: int,
+    starts: list[torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    r""":math:`\log g_c(x_n)` (N, K), each row from a gate fitted on the other
+    :data:`GATE_FOLDS` - 1 folds (a seeded random split), and the folds' weights (F + 1, K).
+    Only the active clusters are fitted (an empty one would drive its intercept to minus
+    infinity); inactive ones get the empty weight. ``starts``: the folds' weights to start
+    from (the previous EM iteration's: the gate moves little between iterations)."""
     n = features.shape[0]
     order = torch.as_tensor(np.random.default_rng(seed).permutation(n), device=features.device)
-    log_gate = torch.empty_like(resp)
+    log_gate = torch.zeros_like(resp)
     design = with_intercept(features)
+    fitted = []
     for fold in range(min(GATE_FOLDS, n)):
         held = order[fold::GATE_FOLDS]
         kept = torch.ones(n, dtype=torch.bool, device=features.device)
         kept[held] = False
-        weights = fit_gate(features[kept], resp[kept])
+        start = None if starts is None else starts[fold][:, active]
+        weights = torch.zeros(
+            design.shape[1], resp.shape[1], dtype=design.dtype, device=design.device
+        )
+        steps = 100 if start is None else WARM_GATE_STEPS
+        weights[:, active] = fit_gate(features[kept], resp[kept][:, active], GATE_L2, start, steps)
         log_gate[held] = design[held] @ weights
-    return cluster_log_posterior_from_joint(restrict_to_active(log_gate, active))
+        fitted.append(weights)
+    return cluster_log_posterior_from_joint(restrict_to_active(log_gate, active)), fitted
 
 
 @dataclass
 class GatedFit:
-    """A state of the gated EM: responsibilities (N, K), the physics M-step and the score."""
+    """A state of the gated EM: responsibilities (N, K), the physics M-step, the score and the
+    folds' gate weights."""
 
     resp: torch.Tensor
     physics: EMResult
     score: float
+    gate: list[torch.Tensor]
 
 
 def gated_em(
@@ -123,20 +149,21 @@ def gated_em(
     theta_start: dict[str, torch.Tensor] | None = None,
     max_iter: int = 15,
     tol: float = 1e-6,
+    gate_start: list[torch.Tensor] | None = None,
 ) -> GatedFit:
     """EM of the gated mixture from ``resp`` on samples that all have a curve: the gate and
     the physics M-step from the responsibilities, then the E-step, until the score moves by
-    less than ``tol`` (relative)."""
+    less than ``tol`` (relative). ``gate_start``: the folds' gate weights to start from."""
     previous = -np.inf
     state: GatedFit | None = None
     for _ in range(max_iter):
-        log_gate = held_out_log_gate(features, resp, active, seed)
+        log_gate, gate_start = held_out_log_gate(features, resp, active, seed, gate_start)
         physics = em_from_responsibilities(resp, data, active, max_iter=1, theta_start=theta_start)
         theta_start = physics.theta
         noise2 = {name: s.square() for name, s in physics.noise_scale.items()}
         log_joint = log_gate + physics_log_likelihood(data, physics.theta, noise2)
         resp, score = posterior_and_total(data, log_joint)
-        state = GatedFit(resp, physics, score)
+        state = GatedFit(resp, physics, score, gate_start)
         if abs(score - previous) <= tol * abs(score):
             break
         previous = score
@@ -190,10 +217,14 @@ def gated_split_and_merge(
         for resp in _candidate_moves(state.resp, active, split_features, n_candidates):
             # a few physics EM iterations first let the two halves settle on their laws
             resp = em_from_responsibilities(resp, data, active, max_iter=3).responsibilities
-            trial = gated_em(data, gate_features, resp, active, seed, max_iter=screen_iter)
+            trial = gated_em(
+                data, gate_features, resp, active, seed, max_iter=screen_iter, gate_start=state.gate
+            )
             if trial.score > state.score + 1e-6 * abs(state.score):
                 theta = trial.physics.theta
-                done = gated_em(data, gate_features, trial.resp, active, seed, theta)
+                done = gated_em(
+                    data, gate_features, trial.resp, active, seed, theta, gate_start=trial.gate
+                )
                 # held-out gates make the EM not exactly monotone: keep the better state
                 state = done if done.score >= trial.score else trial
                 improved = True
@@ -236,7 +267,7 @@ def prune_gated(
             fewer = active.clone()
             fewer[c] = False
             resp = em_from_responsibilities(state.resp, data, fewer, max_iter=3).responsibilities
-            trial = gated_em(data, features, resp, fewer, seed)
+            trial = gated_em(data, features, resp, fewer, seed, gate_start=state.gate)
             if trial.score > state.score - penalty:
                 state = trial
                 break
