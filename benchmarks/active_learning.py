@@ -84,7 +84,10 @@ def run(
     known[rng.choice(n, int(0.05 * n), replace=False)] = True
     torch.manual_seed(seed)
     model = PIMA(setup["specs"], n_clusters=setup["n_clusters"], latent_dim=setup["latent_dim"])
-    options = {"epochs": epochs, "seed": seed, "em_starts": em_starts, "num_threads": 1}
+    options = {  # K is known here: each refit keeps every cluster
+        "epochs": epochs, "seed": seed, "em_starts": em_starts, "num_threads": 1,
+        "prune_clusters": False,
+    }  # fmt: skip
     return measurement_loop(
         model, train, setup["measure"], known, strategy, batch=int(0.05 * n), rounds=9,
         evaluate=evaluator(setup), fit_options=options, seed=seed,

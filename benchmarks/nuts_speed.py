@@ -49,7 +49,10 @@ def main() -> None:
         n_clusters=10,
         latent_dim=2,
     )
-    model.fit(data, epochs=2, seed=0, progress=False, em_starts=args.em_starts)
+    # NUTS needs every cluster active
+    model.fit(
+        data, epochs=2, seed=0, progress=False, em_starts=args.em_starts, prune_clusters=False
+    )
     fitted_rates = torch.nn.functional.softplus(
         torch.as_tensor(model.physics_parameters()["curve"]["theta"][:, 1])
     )

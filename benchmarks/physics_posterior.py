@@ -91,7 +91,7 @@ def part_loo(args) -> dict:
     pointwise = {}
     for k in (8, 9, 10, 11, 12):
         model = PIMA(affine_modalities(), n_clusters=k, latent_dim=4, bayesian_globals=True)
-        model.fit(data, epochs=args.epochs, seed=0, progress=False)
+        model.fit(data, epochs=args.epochs, seed=0, progress=False, prune_clusters=False)
         idata = model.to_arviz(data, num_samples=400, posterior_predictive=False)
         compare_in[f"K={k}"] = idata
         with warnings.catch_warnings():

@@ -201,7 +201,9 @@ def compare_n_clusters(
     ``total``: higher is better; compare it across K with its ``heldout_lpd_se``),
     ``active`` and ``min_weight`` (a K above the data's shows up as surplus weight or inactive
     clusters), and ``elpd_loo`` on ``train`` when the model has Bayesian globals (PSIS-LOO
-    needs posterior draws; point estimates would measure in-sample fit).
+    needs posterior draws; point estimates would measure in-sample fit). ``fit`` prunes by
+    default, so every K above the data's may end with the same active clusters: pass
+    ``prune_clusters=False`` to compare the K as given.
     """
     import warnings
 

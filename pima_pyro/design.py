@@ -114,7 +114,9 @@ def measurement_loop(
     :meth:`~pima_pyro.PIMA.expected_information_gain`); returns one record per fit: the
     fraction of ``measure`` known, ``evaluate(model)`` and the seconds of that round (fit +
     choice). ``measure_fn(indices)`` takes the measurements (the lab's instrument; values of
-    shape ``(len(indices), ...)``); without it the loop unmasks the values ``data`` holds."""
+    shape ``(len(indices), ...)``); without it the loop unmasks the values ``data`` holds.
+    Each refit prunes clusters by the curves known so far unless ``fit_options`` holds
+    ``prune_clusters=False`` (pass it when K is known)."""
     check_strategy(model, strategy, about)
     rng = np.random.default_rng(seed)
     known = np.asarray(known, dtype=bool).copy()

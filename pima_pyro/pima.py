@@ -500,7 +500,7 @@ class PIMA:
     def mixture_parameters(self) -> dict[str, np.ndarray]:
         """``weights`` (K,) (the posterior mean of pi under Bayesian globals, else the point
         estimate), ``loc`` (K, D), ``scale`` (K, D), ``active`` (K,) bool: ``False`` marks a
-        cluster the start found surplus (weight exactly 0; see ``fit(prune=...)``)."""
+        cluster the start found surplus (weight exactly 0; see ``fit(prune_clusters=...)``)."""
         net = self._require_fitted()
         mix = net.mixture
         with torch.no_grad():

@@ -29,7 +29,7 @@ def net():
         "curve": PhysicsModality(expert=LinearThroughOrigin(), hidden=(4,)),
     }
     model = PIMA(specs, n_clusters=3, latent_dim=2)
-    model.fit(data, epochs=1, progress=False, logger=False, num_threads=1)
+    model.fit(data, epochs=1, progress=False, logger=False, num_threads=1, prune_clusters=False)
     expert = model.module.modalities["curve"].expert
     expert.set_theta(SLOPES)
     expert.set_noise_scale(NOISE)
@@ -277,7 +277,7 @@ def test_physics_gain_with_two_parameters_one_constrained_and_cluster_noises():
     expert = Custom(_decay, {"a": (1,), "k": (1,)}, priors={"k": prior_k})
     specs = {"image": GaussianModality(hidden=(4,)), "curve": PhysicsModality(expert=expert)}
     model = PIMA(specs, n_clusters=2, latent_dim=2, bayesian_globals=True)
-    model.fit(data, epochs=1, progress=False, logger=False, num_threads=1)
+    model.fit(data, epochs=1, progress=False, logger=False, num_threads=1, prune_clusters=False)
     fitted = model.module.modalities["curve"].expert
     theta = np.array([[1.0, 0.5], [2.0, 1.5]])
     noise = np.array([0.3, 0.6])

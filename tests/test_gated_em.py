@@ -38,6 +38,8 @@ def test_gate_solves_its_penalised_likelihood():
     penalty = torch.cat([weights[:-1], torch.zeros_like(weights[-1:])])
     grad = design.T @ (torch.softmax(design @ weights, 1) - resp) / 200 + 0.2 * penalty
     assert grad.abs().max() < 1e-5
+    warm = fit_gate(features, resp, l2=0.1, start=weights, max_iter=20)
+    torch.testing.assert_close(warm, weights, atol=1e-6, rtol=0)  # a warm start stays there
     flat = fit_gate(features, resp, l2=1e4)
     gate = torch.softmax(design @ flat, 1)
     np.testing.assert_allclose(gate.numpy(), resp.mean(0).expand(200, -1).numpy(), atol=1e-3)
@@ -54,7 +56,10 @@ def test_a_sample_gate_never_sees_its_own_label():
     assert (before - after).abs().max() > 1e-3  # the other folds' gates do see it
     np.testing.assert_allclose(before.exp().sum(1).numpy(), 1.0, rtol=1e-9)
     some_off = torch.tensor([True, False, True])
-    assert held_out_log_gate(features, resp, some_off, seed=0)[0][:, 1].exp().max() < 1e-100
+    log_gate, fold_weights = held_out_log_gate(features, resp, some_off, seed=0)
+    assert log_gate[:, 1].exp().max() < 1e-100
+    assert len(fold_weights) == 5 and all(w.shape == (4, 3) for w in fold_weights)
+    assert all(float(w[:, 1].abs().max()) == 0.0 for w in fold_weights)  # not fitted
 
 
 def _two_laws_three_groups(seed: int, gap: float = 0.3) -> tuple[dict, torch.Tensor, np.ndarray]:

@@ -49,6 +49,7 @@ def fitted():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model.fit(data, epochs=60, seed=0, progress=False, logger=False, num_threads=1)
+    assert bool(model.module.mixture.active.all())  # four true clusters: pruning keeps them
     return model, data
 
 

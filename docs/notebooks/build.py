@@ -107,7 +107,7 @@ if QUICK:
     data = data.subset(np.arange(400))
 epochs = 10 if QUICK else 100
 model = pp.PIMA(pp.datasets.affine_modalities(), n_clusters=10, latent_dim=4, bayesian_globals=True)
-model.fit(data, epochs=epochs, seed=0, progress=False)
+model.fit(data, epochs=epochs, seed=0, progress=False, prune_clusters=False)  # NUTS below needs every cluster
 tree = model.to_datatree(data, num_samples=100 if QUICK else 500, latents=True)
 tree"""
     ),
@@ -154,7 +154,7 @@ plot_physics_bands(tree, "curve", pp.LinearThroughOrigin());"""
         """trees = {}
 for k in ([8, 10] if QUICK else [8, 9, 10, 11, 12]):
     m = pp.PIMA(pp.datasets.affine_modalities(), n_clusters=k, latent_dim=4, bayesian_globals=True)
-    m.fit(data, epochs=epochs, seed=0, progress=False)
+    m.fit(data, epochs=epochs, seed=0, progress=False, prune_clusters=False)  # K as given
     trees[f"K={k}"] = m.to_datatree(data, num_samples=100 if QUICK else 400, posterior_predictive=False)
 comparison = compare_models(trees, var_name="total")
 comparison"""

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -46,6 +47,7 @@ from pima_pyro.inference.initialization import (
     merge_and_split,
     physics_log_likelihood,
     posterior_and_total,
+    remove_while_bic_falls,
     resplit_pair,
     split_merge_candidates,
 )
@@ -55,6 +57,8 @@ from pima_pyro.models.mixture import cluster_log_posterior_from_joint, restrict_
 GATE_FOLDS: int = 5
 #: L2 penalty on the gate's weights (not its intercepts), per sample.
 GATE_L2: float = 1e-2
+#: L-BFGS iterations of a gate fit from 0.
+COLD_GATE_STEPS: int = 100
 #: L-BFGS iterations of a gate fit started from the previous EM iteration's gate: each EM
 #: iteration then improves the gate (a generalised EM) instead of solving it afresh, which on
 #: a few rows per cluster took 60-100 iterations every time.
@@ -66,18 +70,19 @@ def fit_gate(
     resp: torch.Tensor,
     l2: float = GATE_L2,
     start: torch.Tensor | None = None,
-    max_iter: int = 100,
+    max_iter: int | None = None,
 ) -> torch.Tensor:
     r"""Weights (F + 1, K) of the multinomial logistic regression of soft labels ``resp``
     (N, K) on ``features`` (N, F), last row the intercepts: the minimiser of
     :math:`-\frac1N \sum_{n,c} r_{nc} \log \operatorname{softmax}(\tilde x_n W)_c
-    + \lambda \lVert W_{1:F} \rVert^2` (convex; at most ``max_iter`` L-BFGS iterations from
-    ``start``, else from 0)."""
+    + \lambda \lVert W_{1:F} \rVert^2` (convex; at most ``max_iter`` L-BFGS iterations,
+    default :data:`COLD_GATE_STEPS`, from ``start``, else from 0)."""
     design = with_intercept(features)
     shape = (design.shape[1], resp.shape[1])
     begin = torch.zeros(shape, dtype=design.dtype, device=design.device) if start is None else start
     weights = begin.clone().requires_grad_(True)
-    optimizer = torch.optim.LBFGS([weights], max_iter=max_iter, line_search_fn="strong_wolfe")
+    steps = max_iter or COLD_GATE_STEPS
+    optimizer = torch.optim.LBFGS([weights], max_iter=steps, line_search_fn="strong_wolfe")
     n = float(design.shape[0])
 
     def objective() -> torch.Tensor:
@@ -122,7 +127,7 @@ def held_out_log_gate(
         weights = torch.zeros(
             design.shape[1], resp.shape[1], dtype=design.dtype, device=design.device
         )
-        steps = 100 if start is None else WARM_GATE_STEPS
+        steps = COLD_GATE_STEPS if start is None else WARM_GATE_STEPS
         weights[:, active] = fit_gate(features[kept], resp[kept][:, active], GATE_L2, start, steps)
         log_gate[held] = design[held] @ weights
         fitted.append(weights)
@@ -138,6 +143,19 @@ class GatedFit:
     physics: EMResult
     score: float
     gate: list[torch.Tensor]
+
+    @property
+    def active(self) -> torch.Tensor:
+        return self.physics.active
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """Unnormalised: the responsibilities' column sums."""
+        return self.resp.sum(0)
+
+    @property
+    def log_likelihood(self) -> float:
+        return self.score
 
 
 def gated_em(
@@ -233,7 +251,7 @@ def gated_split_and_merge(
             break
     if prune:
         state = prune_gated(state, data, gate_features, seed)
-    active = state.physics.active
+    active = state.active
     weights = (state.resp.sum(0) + 1e-8) * active  # EM's floor: no active cluster at 0
     return EMResult(
         weights=weights / weights.sum(),
@@ -250,27 +268,26 @@ def prune_gated(
     state: GatedFit, data: _EMData, features: torch.Tensor, seed: int, max_tries: int = 3
 ) -> GatedFit:
     r"""Remove clusters while that lowers the Bayesian information criterion of the gated
-    mixture: a cluster stays only if it raises the score (the curves' log-likelihood given
-    the features) by more than :func:`~pima_pyro.inference.initialization.bic_cluster_penalty`
-    of its physics parameters and weight. The gate needs no penalty: its score is held out.
+    mixture (:func:`~pima_pyro.inference.initialization.remove_while_bic_falls`): a cluster
+    stays only if it raises the score (the curves' log-likelihood given the features) by more
+    than :func:`~pima_pyro.inference.initialization.bic_cluster_penalty` of its physics
+    parameters and weight. The gate needs no penalty: its score is held out.
 
-    Each round tries the ``max_tries`` lightest active clusters: their members go where three
-    physics EM iterations without them put them, then gated EM runs to convergence. A copy of
-    another cluster's law gains nothing under the gate (:math:`g_a p(y|a) + g_b p(y|b)` with
-    equal laws), while two close laws the features tell apart keep what the gate adds, which
-    the curves alone do not: ten decays, rates 2.7 and 3.0 merged by BIC on the curves."""
+    A removal's members go where three physics EM iterations without the cluster put them,
+    then gated EM runs. A copy of another cluster's law gains nothing under the gate
+    (:math:`g_a p(y|a) + g_b p(y|b)` with equal laws), while two close laws the features tell
+    apart keep what the gate adds, which the curves alone do not: ten decays, rates 2.7 and
+    3.0 merged by BIC on the curves."""
     penalty = bic_cluster_penalty(data.params_per_cluster, int(data.any_observed.sum()))
-    while state.physics.n_active > 1:
-        active = state.physics.active
-        order = [int(c) for c in torch.argsort(state.resp.sum(0)) if bool(active[c])]
-        for c in order[:max_tries]:
-            fewer = active.clone()
-            fewer[c] = False
-            resp = em_from_responsibilities(state.resp, data, fewer, max_iter=3).responsibilities
-            trial = gated_em(data, features, resp, fewer, seed, gate_start=state.gate)
-            if trial.score > state.score - penalty:
-                state = trial
-                break
-        else:
-            break
-    return state
+    without = partial(_gated_without, data, features, seed)
+    return remove_while_bic_falls(state, without, penalty, max_tries)
+
+
+def _gated_without(
+    data: _EMData, features: torch.Tensor, seed: int, state: GatedFit, active: torch.Tensor
+) -> GatedFit:
+    """Gated EM with the ``active`` clusters only, from three physics EM iterations."""
+    physics = em_from_responsibilities(state.resp, data, active, max_iter=3)
+    return gated_em(
+        data, features, physics.responsibilities, active, seed, physics.theta, gate_start=state.gate
+    )

@@ -19,8 +19,10 @@ r"""A start that avoids the known GMM-VAE collapse (DESIGN section 8).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
+from functools import partial
+from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -548,9 +550,46 @@ def _move_half(
 def bic_cluster_penalty(params_per_cluster: int, n_samples: int) -> float:
     r"""What one cluster must add to a log-likelihood to be kept under the Bayesian information
     criterion :math:`-2\log L + p\log N`: :math:`\tfrac12 p_c \log N`, :math:`N` the rows
-    the log-likelihood sums over (the samples with a curve for the physics EM's pruning, every
-    sample for the ELBO of the joint moves)."""
+    the log-likelihood sums over (the samples with a curve the pruning sees)."""
     return 0.5 * params_per_cluster * math.log(max(n_samples, 2))
+
+
+class Prunable(Protocol):
+    """A mixture fit the pruning loop can shrink: its active clusters, their weights and the
+    log-likelihood it is judged by."""
+
+    @property
+    def active(self) -> torch.Tensor: ...
+
+    @property
+    def weights(self) -> torch.Tensor: ...
+
+    @property
+    def log_likelihood(self) -> float: ...
+
+
+P = TypeVar("P", bound=Prunable)
+
+
+def remove_while_bic_falls(
+    state: P, without: Callable[[P, torch.Tensor], P], penalty: float, max_tries: int = 3
+) -> P:
+    """The pruning loop: each round tries the ``max_tries`` lightest active clusters, refits
+    without each (``without(state, active)``) and keeps the first whose log-likelihood falls
+    by less than ``penalty`` (:func:`bic_cluster_penalty`); stops when none does or one
+    cluster is left."""
+    while int(state.active.sum()) > 1:
+        order = [int(c) for c in torch.argsort(state.weights) if bool(state.active[c])]
+        for c in order[:max_tries]:
+            fewer = state.active.clone()
+            fewer[c] = False
+            trial = without(state, fewer)
+            if trial.log_likelihood > state.log_likelihood - penalty:
+                state = trial
+                break
+        else:
+            break
+    return state
 
 
 def prune_clusters(result: EMResult, data: _EMData, max_tries: int = 3) -> EMResult:
@@ -558,21 +597,15 @@ def prune_clusters(result: EMResult, data: _EMData, max_tries: int = 3) -> EMRes
     :math:`-2\log L + p\log N` (:math:`p` free parameters, :math:`N` samples with a physics
     modality): a cluster stays only if it raises the log-likelihood by more than
     :math:`\tfrac12 p_c \log N` (:math:`p_c`: theta and noise per modality, and a weight).
-    Tries the ``max_tries`` lightest active clusters each round; removed clusters become
-    inactive (weight 0) and their members go to the others through EM."""
+    Removed clusters become inactive (weight 0) and their members go to the others through
+    EM (:func:`remove_while_bic_falls`)."""
     penalty = bic_cluster_penalty(data.params_per_cluster, int(data.any_observed.sum()))
-    while result.n_active > 1:
-        order = [int(c) for c in torch.argsort(result.weights) if bool(result.active[c])]
-        for c in order[:max_tries]:
-            active = result.active.clone()
-            active[c] = False
-            trial = em_from_responsibilities(result.responsibilities, data, active)
-            if trial.log_likelihood > result.log_likelihood - penalty:
-                result = trial
-                break
-        else:
-            break
-    return result
+    return remove_while_bic_falls(result, partial(_em_without, data), penalty, max_tries)
+
+
+def _em_without(data: _EMData, result: EMResult, active: torch.Tensor) -> EMResult:
+    """EM from ``result``'s responsibilities with the ``active`` clusters only."""
+    return em_from_responsibilities(result.responsibilities, data, active)
 
 
 def mixture_from_embeddings(

@@ -116,7 +116,7 @@ class FitOptions:
             of the anchor phase (:mod:`~pima_pyro.inference.joint_moves`): each round keeps
             the move that raises the ELBO most on up to 5,000 rows, if any. ``0`` skips them;
             they need a physics and a data modality, an anchor phase, point-estimate globals
-            and K > 2, and are skipped otherwise.
+            and at least three active clusters, and are skipped otherwise.
         objective: ``"elbo"`` (Pyro's enumerated ELBO) or ``"closed_form"`` (the seed's
             closed-form mixture terms, :mod:`pima_pyro.inference.closed_form`).
         jit: use ``JitTraceEnum_ELBO`` (default for ``objective="elbo"``; refused with
