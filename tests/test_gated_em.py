@@ -38,7 +38,7 @@ def test_gate_solves_its_penalised_likelihood():
     penalty = torch.cat([weights[:-1], torch.zeros_like(weights[-1:])])
     grad = design.T @ (torch.softmax(design @ weights, 1) - resp) / 200 + 0.2 * penalty
     assert grad.abs().max() < 1e-5
-    warm = fit_gate(features, resp, l2=0.1, start=weights, max_iter=20)
+    warm = fit_gate(features, resp, l2=0.1, start=weights, max_iter=2)
     torch.testing.assert_close(warm, weights, atol=1e-6, rtol=0)  # a warm start stays there
     flat = fit_gate(features, resp, l2=1e4)
     gate = torch.softmax(design @ flat, 1)
