@@ -252,7 +252,7 @@ def gated_split_and_merge(
     if prune:
         state = prune_gated(state, data, gate_features, seed)
     active = state.active
-    weights = (state.resp.sum(0) + 1e-8) * active  # EM's floor: no active cluster at 0
+    weights = (state.weights + 1e-8) * active  # EM's floor: no active cluster at 0
     return EMResult(
         weights=weights / weights.sum(),
         theta=state.physics.theta,
