@@ -50,6 +50,9 @@ RATES = np.linspace(0.3, 3.0, 10)
 
 
 IMAGE_LIKELIHOOD: dict = {"name": "gaussian", "scale": 0.5}
+#: Added to the data seed to give the training seed (``--fit-seed-offset``): the same data
+#: sets fitted again, for the spread that training alone causes.
+TRAINING: dict = {"seed_offset": 0}
 
 
 def DIGITS_IMAGE():  # noqa: N802 (a spec factory, swapped in one place)
@@ -75,7 +78,7 @@ def _expdecay_truth() -> dict[int, list[float]]:
 
 def _fit(specs, data, k: int, seed: int) -> PIMA:
     model = PIMA(specs, n_clusters=k, latent_dim=4)
-    model.fit(data, seed=seed, **FIT)
+    model.fit(data, seed=seed + TRAINING["seed_offset"], **FIT)
     return model
 
 
@@ -145,7 +148,7 @@ def scenario_k_unknown(seed: int) -> dict[str, float]:
     for k, prune, tag in ((5, True, "k5"), (7, True, "k7"), (7, False, "k7_unpruned")):
         specs = {"image": DIGITS_IMAGE(), "curve": PhysicsModality(expert=LinearThroughOrigin())}
         model = PIMA(specs, n_clusters=k, latent_dim=4)
-        model.fit(train, seed=seed, prune_clusters=prune, **FIT)
+        model.fit(train, seed=seed + TRAINING["seed_offset"], prune_clusters=prune, **FIT)
         weights = np.sort(model.mixture_parameters()["weights"])
         out[f"image_only_{tag}"] = _accuracy(model, test, ["image"])
         out[f"surplus_weight_{tag}"] = float(weights[: k - 5].sum())
@@ -202,8 +205,12 @@ def main() -> None:
         help="pixel likelihood: Gaussian, continuous Bernoulli, or Gaussian censored to [0, 1]",
     )
     parser.add_argument("--image-scale", type=float, default=0.5, help="Gaussian pixel scale")
+    parser.add_argument(
+        "--fit-seed-offset", type=int, default=0, help="training seed = data seed + this"
+    )
     args = parser.parse_args()
     IMAGE_LIKELIHOOD.update(name=args.image, scale=args.image_scale)
+    TRAINING["seed_offset"] = args.fit_seed_offset
     torch.set_num_threads(1)
     results: dict[str, list[dict]] = {}
     for name in args.scenario:

@@ -9,9 +9,13 @@ import torch
 from pima_pyro.data import Batch
 from pima_pyro.inference.cross_modal import (
     cross_modal_loss,
+    data_cluster_log_posterior,
     encoder_cluster_log_posterior,
     physics_targets,
 )
+from pima_pyro.models.experts import Affine
+from pima_pyro.models.modalities import GaussianModality, PhysicsModality
+from pima_pyro.models.module import PIMAModule
 
 from .helpers import tiny_batch, tiny_module
 
@@ -44,23 +48,95 @@ def _by_hand(net, batch) -> float:
         + (var[:, None] + (loc[:, None] - mu[None]) ** 2) / sigma[None] ** 2
     ).sum(-1)
     log_q = np.log(_softmax(log_pi + expected))
-    paired = batch.observed["x"].numpy() & batch.observed["y"].numpy()
-    return float(-((r * log_q).sum(-1) * paired).sum() / batch.observed["y"].numpy().sum())
+    x_seen, y_seen = batch.observed["x"].numpy(), batch.observed["y"].numpy()
+    paired, unpaired = x_seen & y_seen, x_seen & ~y_seen
+    sharp = _softmax(2.0 * log_q)  # q^(1/T), T = 1/2
+    on_pairs = -((r * log_q).sum(-1) * paired).sum() / y_seen.sum()
+    on_rest = -((sharp * log_q).sum(-1) * unpaired).sum() / unpaired.sum()
+    return float(on_pairs), float(on_rest)
 
 
-def test_cross_modal_loss_equals_the_hand_computed_cross_entropy():
+def test_cross_modal_loss_equals_the_hand_computed_cross_entropies():
+    """Paired rows: cross-entropy to the physics posterior; rows with x and no y: to the
+    sharpened posterior of x (tiny_batch has both kinds)."""
     net = tiny_module()
     batch = tiny_batch(net)
+    on_pairs, on_rest = _by_hand(net, batch)
+    assert on_pairs > 0 and on_rest > 0
     assert float(cross_modal_loss(net, batch).detach()) == pytest.approx(
-        _by_hand(net, batch), rel=1e-10
+        on_pairs + on_rest, rel=1e-10
     )
 
 
-def test_rows_without_a_pair_contribute_nothing():
+def test_without_a_pair_a_row_gets_the_sharpened_self_training_term_alone():
     net = tiny_module()
     batch = tiny_batch(net)
     batch.observed["y"] = torch.zeros_like(batch.observed["y"])
+    _, on_rest = _by_hand(net, batch)
+    assert float(cross_modal_loss(net, batch)) == pytest.approx(on_rest, rel=1e-10)
+    batch.observed["x"] = torch.zeros_like(batch.observed["x"])
     assert float(cross_modal_loss(net, batch)) == 0.0
+
+
+def test_self_training_moves_an_unpaired_row_towards_its_likelier_cluster():
+    """The gradient of the sharpened term raises the favoured cluster's probability (the
+    sharpened target puts more mass on it than q does), so entropy falls."""
+    net = tiny_module()
+    batch = tiny_batch(net)
+    batch.observed["y"] = torch.zeros_like(batch.observed["y"])
+    rows = batch.observed["x"]
+    log_q = encoder_cluster_log_posterior(net, "x", batch.values["x"]).detach()[rows]
+    favoured = log_q.argmax(1)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
+    for _ in range(20):
+        optimizer.zero_grad()
+        cross_modal_loss(net, batch).backward()
+        optimizer.step()
+    after = encoder_cluster_log_posterior(net, "x", batch.values["x"]).detach()[rows]
+    assert torch.equal(after.argmax(1), favoured)
+    gain = after.gather(1, favoured[:, None]) - log_q.gather(1, favoured[:, None])
+    assert bool((gain > 0).all())
+
+
+def test_with_two_data_modalities_the_target_is_their_joint_posterior():
+    """Rows without y: each encoder's cross-entropy is to the sharpened posterior of the PoE
+    of every observed data modality (co-training), computed here from the joint encoding."""
+    torch.manual_seed(0)
+    specs = {
+        "x": GaussianModality(shape=(3,), scale=0.7, hidden=(8,)),
+        "w": GaussianModality(shape=(2,), scale=0.7, hidden=(8,)),
+        "y": PhysicsModality(shape=(5,), expert=Affine(), hidden=(8,)),
+    }
+    net = PIMAModule(specs, 3, 2).double()
+    with torch.no_grad():
+        net.mixture.loc.copy_(2 * torch.randn(3, 2))
+    g = torch.Generator().manual_seed(3)
+    n = 5
+    values = {
+        "x": torch.randn(n, 3, generator=g, dtype=torch.float64),
+        "w": torch.randn(n, 2, generator=g, dtype=torch.float64),
+        "y": torch.zeros(n, 5, dtype=torch.float64),
+    }
+    observed = {
+        "x": torch.tensor([1, 1, 0, 1, 1], dtype=torch.bool),
+        "w": torch.tensor([1, 0, 1, 1, 0], dtype=torch.bool),
+        "y": torch.zeros(n, dtype=torch.bool),
+    }
+    batch = Batch(values, observed, torch.arange(n), n)
+    data = {k: values[k] for k in ("x", "w")}
+    joint = data_cluster_log_posterior(net, data, {k: observed[k] for k in ("x", "w")})
+    target = torch.softmax(2.0 * joint, -1).detach()
+    expected = 0.0
+    for name in ("x", "w"):
+        log_q = encoder_cluster_log_posterior(net, name, values[name])
+        expected -= float(((target * log_q).sum(-1) * observed[name]).sum() / n)
+    assert float(cross_modal_loss(net, batch).detach()) == pytest.approx(expected, rel=1e-10)
+    own = sum(
+        -float((torch.softmax(2.0 * lq, -1) * lq).sum(-1).mul(observed[k]).sum() / n)
+        for k in ("x", "w")
+        for lq in [encoder_cluster_log_posterior(net, k, values[k]).detach()]
+    )
+    assert abs(own - expected) > 1e-3  # the joint target is not each modality's own
 
 
 def test_its_gradient_reaches_the_data_encoders_only():

@@ -23,6 +23,23 @@ fitted by the ELBO alone. Minimising :math:`\mathrm{KL}(r \,\|\, \tilde q_d)` ov
 the wake-phase update of reweighted wake-sleep, with the physics posterior, exact because
 :math:`y \perp z \mid c`, in place of importance samples; it is the explicit classification
 term of semi-supervised VAEs (Kingma et al., 2014, M2), with labels the physics infers.
+
+**Rows without a physics modality** (unpaired images) get the self-training term
+
+.. math::
+
+    \ell^{u}_n = -\sum_c t_{nc} \log \tilde q_d(c \mid x_{dn}), \qquad
+    t_{nc} \propto \tilde q(c \mid x_{Dn})^{1/T}, \quad T = 1/2,
+
+the cross-entropy to the sharpened, fixed cluster posterior from all of the row's observed data
+modalities :math:`D` (MixMatch's sharpening, Berthelot et al., 2019). Its gradient moves an
+unpaired sample's encoding towards the cluster the encoders already favour, faster the more
+confident they are: minimum-entropy regularisation (Grandvalet and Bengio, 2005), the cluster
+assumption that unlabelled data teaches a classifier. Without it those rows reach the encoder
+only through the ELBO's KL term at temperature 1, and half the curves hidden gave no gain over
+discarding the unpaired images (issue 13: 0.952 vs 0.957 and 0.942 vs 0.963 image-only on
+seeds 1 and 2; with the term, 0.968 and 0.952). With several data modalities the target is
+their joint posterior, so each encoder also learns what the others see (co-training).
 """
 
 from __future__ import annotations
@@ -34,6 +51,9 @@ from pima_pyro.inference.posterior import any_observed_rows, cluster_log_posteri
 from pima_pyro.models.guide import encode
 from pima_pyro.models.mixture import cluster_log_posterior_from_joint, expected_normal_log_prob
 from pima_pyro.models.module import PIMAModule
+
+#: Temperature :math:`T` of the self-training target on rows without a physics modality.
+SELF_TRAINING_TEMPERATURE = 0.5
 
 
 def has_cross_modal_term(net: PIMAModule) -> bool:
@@ -50,11 +70,13 @@ def physics_targets(net: PIMAModule, batch: Batch) -> tuple[torch.Tensor, torch.
     return log_r.exp(), any_observed_rows(batch, physics, slice(0, batch.size))
 
 
-def encoder_cluster_log_posterior(net: PIMAModule, name: str, values: torch.Tensor) -> torch.Tensor:
-    r""":math:`\log \tilde q_d(c \mid x)` (B, K) for data modality ``name`` alone, with the
-    mixture held fixed (gradient to the encoder only)."""
-    observed = torch.ones(values.shape[0], dtype=torch.bool, device=values.device)
-    loc, log_var = encode(net, {name: values}, {name: observed})
+def data_cluster_log_posterior(
+    net: PIMAModule, values: dict[str, torch.Tensor], observed: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    r""":math:`\log \tilde q(c \mid x_S)` (B, K) from the PoE of the data modalities in
+    ``values`` flagged in ``observed``, with the mixture held fixed (gradient to the encoders
+    only)."""
+    loc, log_var = encode(net, values, observed)
     mix = net.mixture
     expected = expected_normal_log_prob(
         loc, torch.exp(log_var), mix.loc.detach(), mix.scale.detach()
@@ -62,20 +84,54 @@ def encoder_cluster_log_posterior(net: PIMAModule, name: str, values: torch.Tens
     return cluster_log_posterior_from_joint(net.plug_in_logits().detach() + expected)
 
 
+def encoder_cluster_log_posterior(net: PIMAModule, name: str, values: torch.Tensor) -> torch.Tensor:
+    r""":math:`\log \tilde q_d(c \mid x)` (B, K) for data modality ``name`` alone."""
+    observed = torch.ones(values.shape[0], dtype=torch.bool, device=values.device)
+    return data_cluster_log_posterior(net, {name: values}, {name: observed})
+
+
+def sharpened(log_q: torch.Tensor, temperature: float = SELF_TRAINING_TEMPERATURE) -> torch.Tensor:
+    r"""The self-training target :math:`t_c \propto \tilde q_c^{1/T}` (B, K), without
+    gradient."""
+    return cluster_log_posterior_from_joint(log_q.detach() / temperature).exp()
+
+
+def self_training_targets(
+    net: PIMAModule, batch: Batch, names: list[str], log_q: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    r"""Sharpened :math:`\tilde q(c \mid x_D)` from every observed data modality of a row
+    (B, K); with one data modality, that modality's own ``log_q``."""
+    if len(names) == 1:
+        return sharpened(log_q[names[0]])
+    values = {n: batch.values[n] for n in names}
+    with torch.no_grad():
+        joint = data_cluster_log_posterior(net, values, {n: batch.observed[n] for n in names})
+    return sharpened(joint)
+
+
 def cross_modal_loss(net: PIMAModule, batch: Batch) -> torch.Tensor:
-    """:math:`\\frac1{B_y} \\sum_d \\sum_n \\ell_{dn}` over the samples with ``d`` and a
-    physics modality observed, :math:`B_y` the samples of the batch with a physics modality (0
-    when the model lacks either kind). A mean over the paired samples, not over the batch: the
-    term's strength does not shrink with the fraction of samples paired (with 5% of the curves
-    measured, a mean over the batch left the image encoder collapsed in every fit)."""
+    r""":math:`\frac1{B_y} \sum_{d,n \in y} \ell_{dn} + \frac1{B_u} \sum_{d,n \in u}
+    \ell^{u}_{dn}`: the paired rows' term averaged over the :math:`B_y` rows of the batch with
+    a physics modality, plus the self-training term averaged over the :math:`B_u` rows with a
+    data modality and no physics one (0 when the model lacks either kind). Means over each
+    kind of row, not over the batch: the term's strength does not shrink with the fraction of
+    samples paired (with 5% of the curves measured, a mean over the batch left the image
+    encoder collapsed in every fit)."""
     total = torch.zeros((), device=batch.indices.device)
     if not has_cross_modal_term(net):
         return total
     target, paired = physics_targets(net, batch)
-    for name in net.data_names:
-        if name not in batch.values:
-            continue
-        log_q = encoder_cluster_log_posterior(net, name, batch.values[name])
-        weight = (batch.observed[name] & paired).to(log_q.dtype)
-        total = total - ((target * log_q).sum(-1) * weight).sum()
-    return total / paired.sum().clamp_min(1)
+    names = [n for n in net.data_names if n in batch.values]
+    if not names:
+        return total
+    unpaired = any_observed_rows(batch, names, slice(0, batch.size)) & ~paired
+    log_q = {n: encoder_cluster_log_posterior(net, n, batch.values[n]) for n in names}
+    self_target = self_training_targets(net, batch, names, log_q)
+    n_paired, n_unpaired = paired.sum().clamp_min(1), unpaired.sum().clamp_min(1)
+    for name in names:
+        observed = batch.observed[name]
+        on_pairs = (observed & paired).to(log_q[name].dtype)
+        on_rest = (observed & unpaired).to(log_q[name].dtype)
+        total = total - ((target * log_q[name]).sum(-1) * on_pairs).sum() / n_paired
+        total = total - ((self_target * log_q[name]).sum(-1) * on_rest).sum() / n_unpaired
+    return total
