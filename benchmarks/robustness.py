@@ -221,7 +221,7 @@ def main() -> None:
             row["seconds"] = round(time.perf_counter() - start, 1)
             print(name, seed, json.dumps(row), flush=True)
             results[name].append(row)
-    print(json.dumps(results))
+    print(json.dumps({"fit_seed_offset": args.fit_seed_offset, **results}))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ import torch
 from pima_pyro.data import Batch
 from pima_pyro.inference.cross_modal import (
     cross_modal_loss,
-    data_cluster_log_posterior,
     encoder_cluster_log_posterior,
     physics_targets,
 )
@@ -25,9 +24,10 @@ def _softmax(a: np.ndarray) -> np.ndarray:
     return np.exp(a) / np.exp(a).sum(-1, keepdims=True)
 
 
-def _by_hand(net, batch) -> float:
-    """Bayes' rule on the physics likelihood, the PoE with the N(0, I) expert, the expected
-    component log-density and the cross-entropy, all in numpy."""
+def _by_hand(net, batch) -> tuple[float, float]:
+    """``(paired part, self-training part)``: Bayes' rule on the physics likelihood, the PoE
+    with the N(0, I) expert, the expected component log-density, the sharpening and the two
+    cross-entropies, all in numpy."""
     with torch.no_grad():
         log_pi = net.mixture.log_weights.numpy()
         expert = net.modalities["y"].expert
@@ -62,7 +62,7 @@ def test_cross_modal_loss_equals_the_hand_computed_cross_entropies():
     net = tiny_module()
     batch = tiny_batch(net)
     on_pairs, on_rest = _by_hand(net, batch)
-    assert on_pairs > 0 and on_rest > 0
+    assert on_pairs > 0 and on_rest > 0  # the fixture has rows of both kinds
     assert float(cross_modal_loss(net, batch).detach()) == pytest.approx(
         on_pairs + on_rest, rel=1e-10
     )
@@ -75,7 +75,11 @@ def test_without_a_pair_a_row_gets_the_sharpened_self_training_term_alone():
     _, on_rest = _by_hand(net, batch)
     assert float(cross_modal_loss(net, batch).detach()) == pytest.approx(on_rest, rel=1e-10)
     batch.observed["x"] = torch.zeros_like(batch.observed["x"])
-    assert float(cross_modal_loss(net, batch)) == 0.0
+    assert float(cross_modal_loss(net, batch).detach()) == 0.0
+
+
+def _entropy(log_q: torch.Tensor) -> torch.Tensor:
+    return -(log_q.exp() * log_q).sum(-1)
 
 
 def test_self_training_moves_an_unpaired_row_towards_its_likelier_cluster():
@@ -96,6 +100,24 @@ def test_self_training_moves_an_unpaired_row_towards_its_likelier_cluster():
     assert torch.equal(after.argmax(1), favoured)
     gain = after.gather(1, favoured[:, None]) - log_q.gather(1, favoured[:, None])
     assert bool((gain > 0).all())
+    assert bool((_entropy(after) < _entropy(log_q)).all())
+
+
+def test_the_self_training_target_is_held_fixed():
+    """Its gradient is that of the cross-entropy to a constant sharpened target: with the
+    target's own gradient the encoder would also be pushed to make q^2 match q."""
+    net = tiny_module()
+    batch = tiny_batch(net)
+    batch.observed["y"] = torch.zeros_like(batch.observed["y"])
+    cross_modal_loss(net, batch).backward()
+    got = [p.grad.clone() for p in net.modalities["x"].encoder.parameters()]
+    net.zero_grad()
+    rows = batch.observed["x"].double()
+    log_q = encoder_cluster_log_posterior(net, "x", batch.values["x"])
+    target = torch.softmax(2.0 * log_q, -1).detach()
+    (-((target * log_q).sum(-1) * rows).sum() / rows.sum()).backward()
+    for g, p in zip(got, net.modalities["x"].encoder.parameters(), strict=True):
+        torch.testing.assert_close(g, p.grad, rtol=1e-10, atol=1e-12)
 
 
 def test_with_two_data_modalities_the_target_is_their_joint_posterior():
@@ -123,18 +145,31 @@ def test_with_two_data_modalities_the_target_is_their_joint_posterior():
         "y": torch.zeros(n, dtype=torch.bool),
     }
     batch = Batch(values, observed, torch.arange(n), n)
-    data = {k: values[k] for k in ("x", "w")}
-    joint = data_cluster_log_posterior(net, data, {k: observed[k] for k in ("x", "w")})
-    target = torch.softmax(2.0 * joint, -1).detach()
-    expected = 0.0
-    for name in ("x", "w"):
-        log_q = encoder_cluster_log_posterior(net, name, values[name])
-        expected -= float(((target * log_q).sum(-1) * observed[name]).sum() / n)
-    assert float(cross_modal_loss(net, batch).detach()) == pytest.approx(expected, rel=1e-10)
-    own = sum(
-        -float((torch.softmax(2.0 * lq, -1) * lq).sum(-1).mul(observed[k]).sum() / n)
+    with torch.no_grad():
+        mu, sigma = net.mixture.loc.numpy(), net.mixture.scale.numpy()
+        log_pi = net.mixture.log_weights.numpy()
+        enc = {k: [t.numpy() for t in net.modalities[k].encoder(values[k])] for k in ("x", "w")}
+
+    def log_q_of(present):  # PoE of the N(0, I) expert and the experts in ``present``
+        precision = 1.0 + sum(np.exp(-enc[k][1]) * present[k][:, None] for k in present)
+        var = 1.0 / precision
+        loc = sum(enc[k][0] * np.exp(-enc[k][1]) * present[k][:, None] for k in present) * var
+        expected = -0.5 * (
+            np.log(2 * math.pi * sigma**2)[None]
+            + (var[:, None] + (loc[:, None] - mu[None]) ** 2) / sigma[None] ** 2
+        ).sum(-1)
+        return np.log(_softmax(log_pi + expected))
+
+    seen = {k: observed[k].numpy().astype(float) for k in ("x", "w")}
+    target = _softmax(2.0 * log_q_of(seen))
+    ones = np.ones(n)
+    expected = -sum(
+        ((target * log_q_of({k: ones})).sum(-1) * seen[k]).sum() / n for k in ("x", "w")
+    )
+    assert float(cross_modal_loss(net, batch).detach()) == pytest.approx(expected, rel=1e-6)
+    own = -sum(
+        ((_softmax(2.0 * log_q_of({k: ones})) * log_q_of({k: ones})).sum(-1) * seen[k]).sum() / n
         for k in ("x", "w")
-        for lq in [encoder_cluster_log_posterior(net, k, values[k]).detach()]
     )
     assert abs(own - expected) > 1e-3  # the joint target is not each modality's own
 
@@ -179,20 +214,24 @@ def test_minimising_it_teaches_the_encoder_the_physics_clusters_and_nothing_else
         assert torch.equal(dict(net.named_parameters())[name].detach(), value), name
 
 
-@pytest.mark.parametrize("weight", [0.0, 2.5])
-def test_a_step_minimises_the_elbo_plus_the_weighted_term_and_logs_the_elbo(weight):
+@pytest.mark.parametrize("weights", [(0.0, 0.0), (2.5, 0.0), (0.0, 1.5), (2.5, 1.5)])
+def test_a_step_minimises_the_elbo_plus_the_weighted_parts_and_logs_the_elbo(weights):
     from pima_pyro.data import MultimodalData
     from pima_pyro.inference.training_plan import LoopOptions, PIMATrainingPlan, Schedule
 
     net = tiny_module()
     batch = tiny_batch(net)
+    on_pairs, on_rest = _by_hand(net, batch)
     data = MultimodalData({"x": batch.values["x"].float(), "y": batch.values["y"].float()})
-    options = LoopOptions(batch_size=6, lr=1e-3, seed=0, cross_modal_weight=weight)
+    paired, unpaired = weights
+    options = LoopOptions(
+        batch_size=6, lr=1e-3, seed=0, cross_modal_weight=paired, self_training_weight=unpaired
+    )
     plan = PIMATrainingPlan(net, data, Schedule(1, 0, 0), options)
     plan._objective = lambda b: torch.tensor(1.0, dtype=torch.float64)
     objective, logged = plan.step_objective(batch)
-    expected = 1.0 + weight * float(cross_modal_loss(net, batch).detach())
-    assert float(objective.detach()) == pytest.approx(expected, rel=1e-12)
+    expected = 1.0 + paired * on_pairs + unpaired * on_rest
+    assert float(objective.detach()) == pytest.approx(expected, rel=1e-10)
     assert float(logged) == 1.0
 
 
@@ -202,6 +241,9 @@ def test_a_step_minimises_the_elbo_plus_the_weighted_term_and_logs_the_elbo(weig
         ({"cross_modal_weight": -0.5}, ValueError),
         ({"cross_modal_weight": float("nan")}, ValueError),
         ({"cross_modal_weight": "1"}, TypeError),
+        ({"self_training_weight": -1.0}, ValueError),
+        ({"self_training_weight": float("inf")}, ValueError),
+        ({"self_training_weight": None}, TypeError),
         ({"joint_moves": -1}, ValueError),
         ({"joint_moves": 1.5}, TypeError),
     ],

@@ -4,10 +4,10 @@ The ELBO trains a data encoder :math:`q(z \mid x_d)` towards the clusters only t
 samples on which it is drawn alone (a quarter of the paired ones under subset training), by a
 single reparameterised draw scored against the mixture. With many unpaired samples that signal
 is outweighed by the unpaired samples' KL term and the encoder collapses onto the prior (issue
-13: with half the curves hidden, image-only accuracy 0.11 on 2 of 5 seeds). This term adds, for
-every sample whose data modality :math:`d` and at least one physics modality are observed, the
-cross-entropy from the exact physics cluster posterior to the cluster posterior implied by
-:math:`q(z \mid x_d)` alone,
+13: with half the curves hidden, image-only accuracy 0.11 on 2 of 5 seeds). The term has two
+parts. The paired part (weight ``cross_modal_weight``) adds, for every sample whose data
+modality :math:`d` and at least one physics modality are observed, the cross-entropy from the
+exact physics cluster posterior to the cluster posterior implied by :math:`q(z \mid x_d)` alone,
 
 .. math::
 
@@ -24,7 +24,8 @@ the wake-phase update of reweighted wake-sleep, with the physics posterior, exac
 :math:`y \perp z \mid c`, in place of importance samples; it is the explicit classification
 term of semi-supervised VAEs (Kingma et al., 2014, M2), with labels the physics infers.
 
-**Rows without a physics modality** (unpaired images) get the self-training term
+**Rows without a physics modality** (unpaired images) get the self-training part (weight
+``self_training_weight``)
 
 .. math::
 
@@ -38,7 +39,7 @@ confident they are: minimum-entropy regularisation (Grandvalet and Bengio, 2005)
 assumption that unlabelled data teaches a classifier. Without it those rows reach the encoder
 only through the ELBO's KL term at temperature 1, and half the curves hidden gave no gain over
 discarding the unpaired images (issue 13: 0.952 vs 0.957 and 0.942 vs 0.963 image-only on
-seeds 1 and 2; with the term, 0.968 and 0.952). With several data modalities the target is
+seeds 1 and 2; with the term, 0.959 and 0.952). With several data modalities the target is
 their joint posterior, so each encoder also learns what the others see (co-training).
 """
 
@@ -70,7 +71,7 @@ def physics_targets(net: PIMAModule, batch: Batch) -> tuple[torch.Tensor, torch.
     return log_r.exp(), any_observed_rows(batch, physics, slice(0, batch.size))
 
 
-def data_cluster_log_posterior(
+def closed_form_cluster_log_posterior(
     net: PIMAModule, values: dict[str, torch.Tensor], observed: dict[str, torch.Tensor]
 ) -> torch.Tensor:
     r""":math:`\log \tilde q(c \mid x_S)` (B, K) from the PoE of the data modalities in
@@ -87,7 +88,7 @@ def data_cluster_log_posterior(
 def encoder_cluster_log_posterior(net: PIMAModule, name: str, values: torch.Tensor) -> torch.Tensor:
     r""":math:`\log \tilde q_d(c \mid x)` (B, K) for data modality ``name`` alone."""
     observed = torch.ones(values.shape[0], dtype=torch.bool, device=values.device)
-    return data_cluster_log_posterior(net, {name: values}, {name: observed})
+    return closed_form_cluster_log_posterior(net, {name: values}, {name: observed})
 
 
 def sharpened(log_q: torch.Tensor, temperature: float = SELF_TRAINING_TEMPERATURE) -> torch.Tensor:
@@ -104,34 +105,40 @@ def self_training_targets(
     if len(names) == 1:
         return sharpened(log_q[names[0]])
     values = {n: batch.values[n] for n in names}
+    observed = {n: batch.observed[n] for n in names}
     with torch.no_grad():
-        joint = data_cluster_log_posterior(net, values, {n: batch.observed[n] for n in names})
+        joint = closed_form_cluster_log_posterior(net, values, observed)
     return sharpened(joint)
 
 
-def cross_modal_loss(net: PIMAModule, batch: Batch) -> torch.Tensor:
-    r""":math:`\frac1{B_y} \sum_{d,n \in y} \ell_{dn} + \frac1{B_u} \sum_{d,n \in u}
-    \ell^{u}_{dn}`: the paired rows' term averaged over the :math:`B_y` rows of the batch with
-    a physics modality, plus the self-training term averaged over the :math:`B_u` rows with a
-    data modality and no physics one (0 when the model lacks either kind). Means over each
-    kind of row, not over the batch: the term's strength does not shrink with the fraction of
-    samples paired (with 5% of the curves measured, a mean over the batch left the image
-    encoder collapsed in every fit)."""
+def cross_modal_loss(
+    net: PIMAModule,
+    batch: Batch,
+    cross_modal_weight: float = 1.0,
+    self_training_weight: float = 1.0,
+) -> torch.Tensor:
+    r""":math:`\frac{w_y}{B_y} \sum_{d,n \in y} \ell_{dn} + \frac{w_u}{B_u} \sum_{d,n \in u}
+    \ell^{u}_{dn}`: the paired part averaged over the :math:`B_y` rows of the batch with a
+    physics modality, weight :math:`w_y` = ``cross_modal_weight``, plus the self-training part
+    averaged over the :math:`B_u` rows with a data modality and no physics one, weight
+    :math:`w_u` = ``self_training_weight`` (0 when the model lacks either kind of modality).
+    Means over each kind of row, not over the batch: a part's strength does not shrink with
+    the fraction of samples paired (with 5% of the curves measured, a mean over the batch
+    left the image encoder collapsed in every fit)."""
     total = torch.zeros((), device=batch.indices.device)
-    if not has_cross_modal_term(net):
+    names = [n for n in net.data_names if n in batch.values]
+    if not has_cross_modal_term(net) or not names:
         return total
     target, paired = physics_targets(net, batch)
-    names = [n for n in net.data_names if n in batch.values]
-    if not names:
-        return total
     unpaired = any_observed_rows(batch, names, slice(0, batch.size)) & ~paired
     log_q = {n: encoder_cluster_log_posterior(net, n, batch.values[n]) for n in names}
     self_target = self_training_targets(net, batch, names, log_q)
-    n_paired, n_unpaired = paired.sum().clamp_min(1), unpaired.sum().clamp_min(1)
+    w_pairs = cross_modal_weight / paired.sum().clamp_min(1)
+    w_rest = self_training_weight / unpaired.sum().clamp_min(1)
     for name in names:
         observed = batch.observed[name]
         on_pairs = (observed & paired).to(log_q[name].dtype)
         on_rest = (observed & unpaired).to(log_q[name].dtype)
-        total = total - ((target * log_q[name]).sum(-1) * on_pairs).sum() / n_paired
-        total = total - ((self_target * log_q[name]).sum(-1) * on_rest).sum() / n_unpaired
+        total = total - ((target * log_q[name]).sum(-1) * on_pairs).sum() * w_pairs
+        total = total - ((self_target * log_q[name]).sum(-1) * on_rest).sum() * w_rest
     return total

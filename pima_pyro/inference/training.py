@@ -110,8 +110,13 @@ class FitOptions:
             (:mod:`~pima_pyro.inference.cross_modal`): on samples with a data modality and a
             physics modality observed, the cross-entropy from the exact physics cluster
             posterior to the one each data encoder implies alone. It trains the encoders
-            only (the generative parameters follow the ELBO alone); ``0`` trains on the
-            plain ELBO. The logged ``train_loss`` is the -ELBO either way.
+            only (the generative parameters follow the ELBO alone). The logged
+            ``train_loss`` is the -ELBO either way.
+        self_training_weight: weight of the cross-modal term's self-training part: on
+            samples with a data modality and no physics modality, the cross-entropy from
+            their sharpened (temperature 1/2) cluster posterior given every observed data
+            modality to the one each data encoder implies alone (encoders only, as above).
+            With ``cross_modal_weight=0`` as well, the loop trains on the plain ELBO.
         joint_moves: rounds of split-and-merge moves judged by the joint ELBO at the end
             of the anchor phase (:mod:`~pima_pyro.inference.joint_moves`): each round keeps
             the move that raises the ELBO most on up to 5,000 rows, if any. ``0`` skips them;
@@ -165,6 +170,7 @@ class FitOptions:
     em_starts: int = 10
     prune_clusters: bool = True
     cross_modal_weight: float = 1.0
+    self_training_weight: float = 1.0
     joint_moves: int = 3
     clip_norm: float | None = 100.0
     callback: Callable[[int, float], None] | None = None
@@ -215,8 +221,9 @@ class FitOptions:
         if float(self.lr_decay) > 1.0:
             raise ValueError(f"fit: lr_decay must be in (0, 1], got {self.lr_decay!r}")
         self.lr_decay = float(self.lr_decay)
-        _check_non_negative("cross_modal_weight", self.cross_modal_weight)
-        self.cross_modal_weight = float(self.cross_modal_weight)
+        for name in ("cross_modal_weight", "self_training_weight"):
+            _check_non_negative(name, getattr(self, name))
+            setattr(self, name, float(getattr(self, name)))
         if self.clip_norm is not None:
             _check_positive("clip_norm", self.clip_norm)
             self.clip_norm = float(self.clip_norm)
@@ -246,6 +253,7 @@ class FitOptions:
             "validation_fraction",
             "em_starts",
             "cross_modal_weight",
+            "self_training_weight",
             "joint_moves",
         )
         out: dict[str, Any] = {k: getattr(self, k) for k in keys}
@@ -665,7 +673,7 @@ def run_loop(
     loop = LoopOptions(
         opts.batch_size, opts.lr, opts.seed, opts.objective, opts.resolved_jit,
         opts.subset_training, opts.clip_norm, opts.num_threads, opts.cross_modal_weight,
-        opts.joint_moves, opts.lr_decay,
+        opts.joint_moves, opts.lr_decay, opts.self_training_weight,
     )  # fmt: skip
     net.train()  # a refit starts from a module a previous fit left in eval mode
     plan = PIMATrainingPlan(

@@ -88,6 +88,7 @@ class LoopOptions:
     cross_modal_weight: float = 1.0
     joint_moves: int = 3
     lr_decay: float = 0.1
+    self_training_weight: float = 1.0
 
 
 def epoch_seed(seed: int, epoch: int, step: int = -1) -> int:
@@ -280,14 +281,14 @@ class PIMATrainingPlan(pl.LightningModule):
 
     def step_objective(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """``(objective, loss)``: what a step minimises, and its -ELBO per sample (logged).
-        The objective adds the weighted cross-modal cluster term
+        The objective adds the cross-modal cluster term with its two weights
         (:mod:`~pima_pyro.inference.cross_modal`), whose gradient reaches the encoders only."""
         assert self._objective is not None
         loss = self._objective(batch)
-        weight = self.options.cross_modal_weight
-        if weight == 0.0 or not has_cross_modal_term(self.net):
+        weights = (self.options.cross_modal_weight, self.options.self_training_weight)
+        if weights == (0.0, 0.0) or not has_cross_modal_term(self.net):
             return loss, loss
-        return loss + weight * cross_modal_loss(self.net, batch), loss
+        return loss + cross_modal_loss(self.net, batch, *weights), loss
 
     def clip_gradients_of(self, phase: str) -> None:
         if self.options.clip_norm is not None:
@@ -389,9 +390,10 @@ class PIMATrainingPlan(pl.LightningModule):
     def describe_step(self, batch: Batch) -> str:
         """The ELBO's diagnosis, and whether the cross-modal term was finite."""
         cause = describe_nonfinite(self.net, batch)
-        if self.options.cross_modal_weight and has_cross_modal_term(self.net):
+        weights = (self.options.cross_modal_weight, self.options.self_training_weight)
+        if weights != (0.0, 0.0) and has_cross_modal_term(self.net):
             with torch.no_grad():
-                finite = bool(torch.isfinite(cross_modal_loss(self.net, batch)))
+                finite = bool(torch.isfinite(cross_modal_loss(self.net, batch, *weights)))
             cause += f"; cross-modal term {'finite' if finite else 'NON-FINITE'}"
         return cause
 
