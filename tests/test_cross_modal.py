@@ -253,3 +253,19 @@ def test_bad_weights_and_move_counts_are_refused_naming_the_option(option, error
 
     with pytest.raises(error, match=next(iter(option))):
         FitOptions.from_keywords(option)
+
+
+def test_the_self_training_weight_reaches_the_loop_and_the_resume_fingerprint():
+    """``fit``'s option arrives in ``LoopOptions`` (built positionally in ``run_loop``) and a
+    checkpoint written with another weight is not resumed."""
+    from pima_pyro.inference.training import FitOptions, loop_options
+
+    net = tiny_module()
+    a = FitOptions.from_keywords({"self_training_weight": 0.25})
+    a.check_types()
+    b = FitOptions.from_keywords({})
+    b.check_types()
+    assert loop_options(a).self_training_weight == 0.25
+    assert loop_options(a).cross_modal_weight == 1.0
+    assert a.fingerprint(net, 6)["self_training_weight"] == 0.25
+    assert a.fingerprint(net, 6) != b.fingerprint(net, 6)

@@ -132,13 +132,16 @@ def cross_modal_loss(
     target, paired = physics_targets(net, batch)
     unpaired = any_observed_rows(batch, names, slice(0, batch.size)) & ~paired
     log_q = {n: encoder_cluster_log_posterior(net, n, batch.values[n]) for n in names}
-    self_target = self_training_targets(net, batch, names, log_q)
-    w_pairs = cross_modal_weight / paired.sum().clamp_min(1)
-    w_rest = self_training_weight / unpaired.sum().clamp_min(1)
-    for name in names:
-        observed = batch.observed[name]
-        on_pairs = (observed & paired).to(log_q[name].dtype)
-        on_rest = (observed & unpaired).to(log_q[name].dtype)
-        total = total - ((target * log_q[name]).sum(-1) * on_pairs).sum() * w_pairs
-        total = total - ((self_target * log_q[name]).sum(-1) * on_rest).sum() * w_rest
+    # a part with weight 0 is skipped, not multiplied by 0 (0 * inf would be NaN)
+    if cross_modal_weight:
+        w_pairs = cross_modal_weight / paired.sum().clamp_min(1)
+        for name in names:
+            on_pairs = (batch.observed[name] & paired).to(log_q[name].dtype)
+            total = total - ((target * log_q[name]).sum(-1) * on_pairs).sum() * w_pairs
+    if self_training_weight:
+        self_target = self_training_targets(net, batch, names, log_q)
+        w_rest = self_training_weight / unpaired.sum().clamp_min(1)
+        for name in names:
+            on_rest = (batch.observed[name] & unpaired).to(log_q[name].dtype)
+            total = total - ((self_target * log_q[name]).sum(-1) * on_rest).sum() * w_rest
     return total

@@ -106,7 +106,7 @@ class FitOptions:
             default; pass ``False`` when clusters share one physics law and only other
             modalities tell them apart (the curves cannot pay for such a cluster), or for
             :func:`~pima_pyro.inference.mcmc.physics_nuts`, which needs every cluster.
-        cross_modal_weight: weight of the cross-modal cluster term
+        cross_modal_weight: weight of the cross-modal cluster term's paired part
             (:mod:`~pima_pyro.inference.cross_modal`): on samples with a data modality and a
             physics modality observed, the cross-entropy from the exact physics cluster
             posterior to the one each data encoder implies alone. It trains the encoders
@@ -599,6 +599,12 @@ def reset_mixture_for_warmup(net: PIMAModule) -> None:
         )
 
 
+def loop_options(opts: FitOptions) -> LoopOptions:
+    """What a training step needs of the fit options."""
+    names = [f.name for f in fields(LoopOptions) if f.name != "jit"]
+    return LoopOptions(jit=opts.resolved_jit, **{name: getattr(opts, name) for name in names})
+
+
 def validated_options(options: dict[str, Any], bayesian: bool) -> FitOptions:
     """Every check of the options that needs no data: before any model is built."""
     opts = FitOptions.from_keywords(options)
@@ -670,11 +676,7 @@ def run_loop(
         em_log_likelihood = resume_meta.get("em_log_likelihood")
         if net.physics_names:  # a placeholder: the checkpoint holds the EM responsibilities
             responsibilities = torch.zeros(train.n_samples, net.n_clusters, dtype=torch.float64)
-    loop = LoopOptions(
-        opts.batch_size, opts.lr, opts.seed, opts.objective, opts.resolved_jit,
-        opts.subset_training, opts.clip_norm, opts.num_threads, opts.cross_modal_weight,
-        opts.joint_moves, opts.lr_decay, opts.self_training_weight,
-    )  # fmt: skip
+    loop = loop_options(opts)
     net.train()  # a refit starts from a module a previous fit left in eval mode
     plan = PIMATrainingPlan(
         net, train, schedule, loop, responsibilities, validation, opts.on_step, opts.callback
