@@ -269,3 +269,20 @@ def test_the_self_training_weight_reaches_the_loop_and_the_resume_fingerprint():
     assert loop_options(a).cross_modal_weight == 1.0
     assert a.fingerprint(net, 6)["self_training_weight"] == 0.25
     assert a.fingerprint(net, 6) != b.fingerprint(net, 6)
+
+
+@pytest.mark.parametrize("weights", [(1.0, 0.0), (0.0, 1.0), (0.0, 0.0)])
+def test_a_non_finite_step_is_described_with_the_term_only_when_it_is_on(weights):
+    from pima_pyro.data import MultimodalData
+    from pima_pyro.inference.training_plan import LoopOptions, PIMATrainingPlan, Schedule
+
+    net = tiny_module()
+    batch = tiny_batch(net)
+    data = MultimodalData({"x": batch.values["x"].float(), "y": batch.values["y"].float()})
+    options = LoopOptions(
+        batch_size=6, lr=1e-3, seed=0, cross_modal_weight=weights[0],
+        self_training_weight=weights[1],
+    )  # fmt: skip
+    plan = PIMATrainingPlan(net, data, Schedule(1, 0, 0), options)
+    described = "cross-modal term finite" in plan.describe_step(batch)
+    assert described == (weights != (0.0, 0.0))

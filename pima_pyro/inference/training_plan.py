@@ -285,10 +285,18 @@ class PIMATrainingPlan(pl.LightningModule):
         (:mod:`~pima_pyro.inference.cross_modal`), whose gradient reaches the encoders only."""
         assert self._objective is not None
         loss = self._objective(batch)
-        weights = (self.options.cross_modal_weight, self.options.self_training_weight)
-        if weights == (0.0, 0.0) or not has_cross_modal_term(self.net):
+        weights = self.cross_modal_weights()
+        if weights is None:
             return loss, loss
         return loss + cross_modal_loss(self.net, batch, *weights), loss
+
+    def cross_modal_weights(self) -> tuple[float, float] | None:
+        """The cross-modal term's two weights (paired, self-training), or ``None`` when the
+        term is absent (both weights 0, or no physics or no data modality)."""
+        weights = (self.options.cross_modal_weight, self.options.self_training_weight)
+        if weights == (0.0, 0.0) or not has_cross_modal_term(self.net):
+            return None
+        return weights
 
     def clip_gradients_of(self, phase: str) -> None:
         if self.options.clip_norm is not None:
@@ -390,8 +398,8 @@ class PIMATrainingPlan(pl.LightningModule):
     def describe_step(self, batch: Batch) -> str:
         """The ELBO's diagnosis, and whether the cross-modal term was finite."""
         cause = describe_nonfinite(self.net, batch)
-        weights = (self.options.cross_modal_weight, self.options.self_training_weight)
-        if weights != (0.0, 0.0) and has_cross_modal_term(self.net):
+        weights = self.cross_modal_weights()
+        if weights is not None:
             with torch.no_grad():
                 finite = bool(torch.isfinite(cross_modal_loss(self.net, batch, *weights)))
             cause += f"; cross-modal term {'finite' if finite else 'NON-FINITE'}"
