@@ -174,6 +174,27 @@ def test_with_two_data_modalities_the_target_is_their_joint_posterior():
     assert abs(own - expected) > 1e-3  # the joint target is not each modality's own
 
 
+def test_each_data_encoder_runs_once_per_evaluation():
+    """The joint self-training target reuses the experts of the per-modality posteriors."""
+    specs = {
+        "x": GaussianModality(shape=(3,), scale=0.7, hidden=(8,)),
+        "w": GaussianModality(shape=(2,), scale=0.7, hidden=(8,)),
+        "y": PhysicsModality(shape=(5,), expert=Affine(), hidden=(8,)),
+    }
+    net = PIMAModule(specs, 3, 2)
+    n = 4
+    values = {"x": torch.randn(n, 3), "w": torch.randn(n, 2), "y": torch.zeros(n, 5)}
+    observed = {k: torch.tensor([1, 1, 0, 1], dtype=torch.bool) for k in ("x", "w")}
+    observed["y"] = torch.tensor([1, 0, 0, 0], dtype=torch.bool)
+    calls = {"x": 0, "w": 0}
+    for name in calls:
+        net.modalities[name].encoder.register_forward_hook(
+            lambda *_, name=name: calls.__setitem__(name, calls[name] + 1)
+        )
+    cross_modal_loss(net, Batch(values, observed, torch.arange(n), n))
+    assert calls == {"x": 1, "w": 1}
+
+
 def test_its_gradient_reaches_the_data_encoders_only():
     net = tiny_module()
     cross_modal_loss(net, tiny_batch(net)).backward()

@@ -49,7 +49,7 @@ import torch
 
 from pima_pyro.data import Batch
 from pima_pyro.inference.posterior import any_observed_rows, cluster_log_posterior
-from pima_pyro.models.guide import encode
+from pima_pyro.models.guide import combine_experts, encode, encode_experts
 from pima_pyro.models.mixture import cluster_log_posterior_from_joint, expected_normal_log_prob
 from pima_pyro.models.module import PIMAModule
 
@@ -71,13 +71,11 @@ def physics_targets(net: PIMAModule, batch: Batch) -> tuple[torch.Tensor, torch.
     return log_r.exp(), any_observed_rows(batch, physics, slice(0, batch.size))
 
 
-def closed_form_cluster_log_posterior(
-    net: PIMAModule, values: dict[str, torch.Tensor], observed: dict[str, torch.Tensor]
+def latent_cluster_log_posterior(
+    net: PIMAModule, loc: torch.Tensor, log_var: torch.Tensor
 ) -> torch.Tensor:
-    r""":math:`\log \tilde q(c \mid x_S)` (B, K) from the PoE of the data modalities in
-    ``values`` flagged in ``observed``, with the mixture held fixed (gradient to the encoders
-    only)."""
-    loc, log_var = encode(net, values, observed)
+    r""":math:`\log \tilde q(c \mid x_S)` (B, K) from the PoE posterior ``(loc, log_var)``
+    of :math:`q(z \mid x_S)`, with the mixture held fixed (gradient to the encoders only)."""
     mix = net.mixture
     expected = expected_normal_log_prob(
         loc, torch.exp(log_var), mix.loc.detach(), mix.scale.detach()
@@ -85,10 +83,18 @@ def closed_form_cluster_log_posterior(
     return cluster_log_posterior_from_joint(net.plug_in_logits().detach() + expected)
 
 
+def closed_form_cluster_log_posterior(
+    net: PIMAModule, values: dict[str, torch.Tensor], observed: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    r""":math:`\log \tilde q(c \mid x_S)` (B, K) from the PoE of the data modalities in
+    ``values`` flagged in ``observed``, with the mixture held fixed (gradient to the encoders
+    only)."""
+    return latent_cluster_log_posterior(net, *encode(net, values, observed))
+
+
 def encoder_cluster_log_posterior(net: PIMAModule, name: str, values: torch.Tensor) -> torch.Tensor:
     r""":math:`\log \tilde q_d(c \mid x)` (B, K) for data modality ``name`` alone."""
-    observed = torch.ones(values.shape[0], dtype=torch.bool, device=values.device)
-    return closed_form_cluster_log_posterior(net, {name: values}, {name: observed})
+    return closed_form_cluster_log_posterior(net, {name: values}, {})
 
 
 def sharpened(log_q: torch.Tensor, temperature: float = SELF_TRAINING_TEMPERATURE) -> torch.Tensor:
@@ -98,16 +104,20 @@ def sharpened(log_q: torch.Tensor, temperature: float = SELF_TRAINING_TEMPERATUR
 
 
 def self_training_targets(
-    net: PIMAModule, batch: Batch, names: list[str], log_q: dict[str, torch.Tensor]
+    net: PIMAModule,
+    batch: Batch,
+    experts: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    log_q: dict[str, torch.Tensor],
 ) -> torch.Tensor:
-    r"""Sharpened :math:`\tilde q(c \mid x_D)` from every observed data modality of a row
-    (B, K); with one data modality, that modality's own ``log_q``."""
-    if len(names) == 1:
-        return sharpened(log_q[names[0]])
-    values = {n: batch.values[n] for n in names}
-    observed = {n: batch.observed[n] for n in names}
+    r"""Sharpened :math:`\tilde q(c \mid x_D)` (B, K) from every observed data modality of a
+    row, combining the ``experts`` already computed (no second encoder pass); with one data
+    modality, that modality's own ``log_q``."""
+    if len(experts) == 1:
+        return sharpened(next(iter(log_q.values())))
     with torch.no_grad():
-        joint = closed_form_cluster_log_posterior(net, values, observed)
+        fixed = {n: (loc.detach(), log_var.detach()) for n, (loc, log_var) in experts.items()}
+        poe = combine_experts(net, fixed, batch.observed)
+        joint = latent_cluster_log_posterior(net, *poe)
     return sharpened(joint)
 
 
@@ -131,7 +141,11 @@ def cross_modal_loss(
         return total
     target, paired = physics_targets(net, batch)
     unpaired = any_observed_rows(batch, names, slice(0, batch.size)) & ~paired
-    log_q = {n: encoder_cluster_log_posterior(net, n, batch.values[n]) for n in names}
+    experts = encode_experts(net, {n: batch.values[n] for n in names})
+    log_q = {
+        n: latent_cluster_log_posterior(net, *combine_experts(net, {n: e}, {}))
+        for n, e in experts.items()
+    }
     # a part with weight 0 is skipped, not multiplied by 0 (0 * inf would be NaN)
     if cross_modal_weight:
         w_pairs = cross_modal_weight / paired.sum().clamp_min(1)
@@ -139,7 +153,7 @@ def cross_modal_loss(
             on_pairs = (batch.observed[name] & paired).to(log_q[name].dtype)
             total = total - ((target * log_q[name]).sum(-1) * on_pairs).sum() * w_pairs
     if self_training_weight:
-        self_target = self_training_targets(net, batch, names, log_q)
+        self_target = self_training_targets(net, batch, experts, log_q)
         w_rest = self_training_weight / unpaired.sum().clamp_min(1)
         for name in names:
             on_rest = (batch.observed[name] & unpaired).to(log_q[name].dtype)

@@ -25,6 +25,41 @@ from pima_pyro.models.module import PIMAModule
 from pima_pyro.models.poe import poe_posterior
 
 
+def encode_experts(
+    net: PIMAModule, values: Mapping[str, torch.Tensor]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each modality's own Gaussian expert ``(loc, log_var)`` (N, D), for the modalities of
+    the model in ``values``, in the model's modality order; one encoder pass each."""
+    return {
+        name: net.modalities[name].encoder(values[name])
+        for name in net.modality_names
+        if name in values
+    }
+
+
+def combine_experts(
+    net: PIMAModule,
+    experts: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    masks: Mapping[str, torch.Tensor],
+    reference: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PoE posterior ``(loc, log_var)`` (N, D) of ``experts``, each present where its mask in
+    ``masks`` says (everywhere when it has none). With no expert, zeros with ``reference``'s
+    rows, device and dtype (a ``ValueError`` when it is not given)."""
+    if not experts:
+        if reference is None:
+            raise ValueError("combine_experts: no expert and no reference tensor for the shape")
+        zeros = torch.zeros(
+            reference.shape[0], net.latent_dim, device=reference.device, dtype=reference.dtype
+        )
+        return zeros, zeros
+    locs = torch.stack([loc for loc, _ in experts.values()])
+    log_vars = torch.stack([log_var for _, log_var in experts.values()])
+    everywhere = torch.ones(locs.shape[1], dtype=torch.bool, device=locs.device)
+    present = torch.stack([masks.get(name, everywhere) for name in experts])
+    return poe_posterior(locs, log_vars, present, net.prior_expert)
+
+
 def encode(
     net: PIMAModule,
     values: Mapping[str, torch.Tensor],
@@ -32,29 +67,11 @@ def encode(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PoE posterior ``(loc, log_var)`` (N, D) from the modalities flagged in ``masks``.
 
-    A modality missing from ``values`` is treated as unobserved for every sample.
+    A modality missing from ``values`` is treated as unobserved for every sample; one missing
+    from ``masks`` as observed for every sample.
     """
-    locs, log_vars, present = [], [], []
     reference = next(iter(values.values()))
-    num_samples = reference.shape[0]
-    for name in net.modality_names:
-        if name not in values:
-            continue
-        loc, log_var = net.modalities[name].encoder(values[name])
-        locs.append(loc)
-        log_vars.append(log_var)
-        mask = masks.get(name)
-        if mask is None:
-            mask = torch.ones(num_samples, dtype=torch.bool, device=reference.device)
-        present.append(mask)
-    if not locs:
-        zeros = torch.zeros(
-            num_samples, net.latent_dim, device=reference.device, dtype=reference.dtype
-        )
-        return zeros, zeros
-    return poe_posterior(
-        torch.stack(locs), torch.stack(log_vars), torch.stack(present), net.prior_expert
-    )
+    return combine_experts(net, encode_experts(net, values), masks, reference)
 
 
 def latent_distribution(loc: torch.Tensor, log_var: torch.Tensor) -> dist.Distribution:
