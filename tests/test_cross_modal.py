@@ -307,3 +307,18 @@ def test_a_non_finite_step_is_described_with_the_term_only_when_it_is_on(weights
     plan = PIMATrainingPlan(net, data, Schedule(1, 0, 0), options)
     described = "cross-modal term finite" in plan.describe_step(batch)
     assert described == (weights != (0.0, 0.0))
+
+
+def test_without_the_paired_part_the_physics_posterior_is_not_computed(monkeypatch):
+    import pima_pyro.inference.cross_modal as cross_modal
+
+    def refuse(*_):
+        raise AssertionError("physics posterior computed with cross_modal_weight=0")
+
+    net = tiny_module()
+    batch = tiny_batch(net)
+    with_part = float(cross_modal_loss(net, batch, 0.0, 1.0))
+    monkeypatch.setattr(cross_modal, "physics_targets", refuse)
+    assert float(cross_modal_loss(net, batch, 0.0, 1.0)) == with_part
+    with pytest.raises(AssertionError, match="computed"):
+        cross_modal_loss(net, batch, 1.0, 1.0)

@@ -139,8 +139,9 @@ def cross_modal_loss(
     names = [n for n in net.data_names if n in batch.values]
     if not has_cross_modal_term(net) or not names:
         return total
-    target, paired = physics_targets(net, batch)
-    unpaired = any_observed_rows(batch, names, slice(0, batch.size)) & ~paired
+    rows = slice(0, batch.size)
+    paired = any_observed_rows(batch, [p for p in net.physics_names if p in batch.values], rows)
+    unpaired = any_observed_rows(batch, names, rows) & ~paired
     experts = encode_experts(net, {n: batch.values[n] for n in names})
     log_q = {
         n: latent_cluster_log_posterior(net, *combine_experts(net, {n: e}, {}))
@@ -148,6 +149,7 @@ def cross_modal_loss(
     }
     # a part with weight 0 is skipped, not multiplied by 0 (0 * inf would be NaN)
     if cross_modal_weight:
+        target, _ = physics_targets(net, batch)
         w_pairs = cross_modal_weight / paired.sum().clamp_min(1)
         for name in names:
             on_pairs = (batch.observed[name] & paired).to(log_q[name].dtype)
