@@ -4,6 +4,7 @@ an over-specified K, missing curves and the pixel likelihood's posterior predict
 Usage::
 
     python benchmarks/robustness.py [--seeds 5] [--scenario power expdecay k_unknown hidden pixel]
+        [--fit-seed-offset N]   # training seed = data seed + N: the spread training alone causes
 
 Each scenario builds a data set from scikit-learn's digits (labels = clusters) with a physics law,
 fits PIMA with the digits demo's settings (200 epochs, batch 128, lr 5e-3, latent 4, 1 thread)
