@@ -49,7 +49,7 @@ import torch
 
 from pima_pyro.data import Batch
 from pima_pyro.inference.posterior import any_observed_rows, cluster_log_posterior
-from pima_pyro.models.guide import combine_experts, encode, encode_experts
+from pima_pyro.models.guide import combine_experts, encode_experts
 from pima_pyro.models.mixture import cluster_log_posterior_from_joint, expected_normal_log_prob
 from pima_pyro.models.module import PIMAModule
 
@@ -62,13 +62,20 @@ def has_cross_modal_term(net: PIMAModule) -> bool:
     return bool(net.physics_names) and bool(net.data_names)
 
 
-def physics_targets(net: PIMAModule, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(r, paired)``: the exact :math:`p(c \\mid y_n)` (B, K) from the observed physics
-    modalities, and whether any is observed (B,), both without gradient."""
-    physics = [p for p in net.physics_names if p in batch.values]
+def _physics_in(net: PIMAModule, batch: Batch) -> list[str]:
+    return [p for p in net.physics_names if p in batch.values]
+
+
+def paired_rows(net: PIMAModule, batch: Batch) -> torch.Tensor:
+    """(B,) bool: the rows with at least one physics modality observed."""
+    return any_observed_rows(batch, _physics_in(net, batch), slice(0, batch.size))
+
+
+def physics_targets(net: PIMAModule, batch: Batch) -> torch.Tensor:
+    """The exact :math:`p(c \\mid y_n)` (B, K) from the observed physics modalities, without
+    gradient; meaningful on :func:`paired_rows` only."""
     with torch.no_grad():
-        log_r = cluster_log_posterior(net, batch, physics)
-    return log_r.exp(), any_observed_rows(batch, physics, slice(0, batch.size))
+        return cluster_log_posterior(net, batch, _physics_in(net, batch)).exp()
 
 
 def latent_cluster_log_posterior(
@@ -83,18 +90,17 @@ def latent_cluster_log_posterior(
     return cluster_log_posterior_from_joint(net.plug_in_logits().detach() + expected)
 
 
-def closed_form_cluster_log_posterior(
-    net: PIMAModule, values: dict[str, torch.Tensor], observed: dict[str, torch.Tensor]
+def expert_cluster_log_posterior(
+    net: PIMAModule, expert: tuple[torch.Tensor, torch.Tensor]
 ) -> torch.Tensor:
-    r""":math:`\log \tilde q(c \mid x_S)` (B, K) from the PoE of the data modalities in
-    ``values`` flagged in ``observed``, with the mixture held fixed (gradient to the encoders
-    only)."""
-    return latent_cluster_log_posterior(net, *encode(net, values, observed))
+    r""":math:`\log \tilde q_d(c \mid x)` (B, K) from one data modality's own Gaussian
+    ``expert`` ``(loc, log_var)``, combined with the prior expert as the guide does."""
+    return latent_cluster_log_posterior(net, *combine_experts(net, {"expert": expert}, {}))
 
 
 def encoder_cluster_log_posterior(net: PIMAModule, name: str, values: torch.Tensor) -> torch.Tensor:
     r""":math:`\log \tilde q_d(c \mid x)` (B, K) for data modality ``name`` alone."""
-    return closed_form_cluster_log_posterior(net, {name: values}, {})
+    return expert_cluster_log_posterior(net, encode_experts(net, {name: values})[name])
 
 
 def sharpened(log_q: torch.Tensor, temperature: float = SELF_TRAINING_TEMPERATURE) -> torch.Tensor:
@@ -115,9 +121,7 @@ def self_training_targets(
     if len(experts) == 1:
         return sharpened(next(iter(log_q.values())))
     with torch.no_grad():
-        fixed = {n: (loc.detach(), log_var.detach()) for n, (loc, log_var) in experts.items()}
-        poe = combine_experts(net, fixed, batch.observed)
-        joint = latent_cluster_log_posterior(net, *poe)
+        joint = latent_cluster_log_posterior(net, *combine_experts(net, experts, batch.observed))
     return sharpened(joint)
 
 
@@ -139,17 +143,14 @@ def cross_modal_loss(
     names = [n for n in net.data_names if n in batch.values]
     if not has_cross_modal_term(net) or not names:
         return total
-    rows = slice(0, batch.size)
-    paired = any_observed_rows(batch, [p for p in net.physics_names if p in batch.values], rows)
-    unpaired = any_observed_rows(batch, names, rows) & ~paired
+    paired = paired_rows(net, batch)
+    unpaired = any_observed_rows(batch, names, slice(0, batch.size)) & ~paired
     experts = encode_experts(net, {n: batch.values[n] for n in names})
-    log_q = {
-        n: latent_cluster_log_posterior(net, *combine_experts(net, {n: e}, {}))
-        for n, e in experts.items()
-    }
+    log_q = {n: expert_cluster_log_posterior(net, e) for n, e in experts.items()}
     # a part with weight 0 is skipped, not multiplied by 0 (0 * inf would be NaN)
     if cross_modal_weight:
-        target, _ = physics_targets(net, batch)
+        # only the paired part needs the physics posterior (every curve under every cluster)
+        target = physics_targets(net, batch)
         w_pairs = cross_modal_weight / paired.sum().clamp_min(1)
         for name in names:
             on_pairs = (batch.observed[name] & paired).to(log_q[name].dtype)

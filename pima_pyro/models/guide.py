@@ -37,6 +37,13 @@ def encode_experts(
     }
 
 
+def _mask_or_everywhere(mask: torch.Tensor | None, locs: torch.Tensor) -> torch.Tensor:
+    """``mask``, or all-True over the N rows of ``locs`` (M, N, D) when there is none."""
+    if mask is None:
+        return torch.ones(locs.shape[1], dtype=torch.bool, device=locs.device)
+    return mask
+
+
 def combine_experts(
     net: PIMAModule,
     experts: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
@@ -44,8 +51,8 @@ def combine_experts(
     reference: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PoE posterior ``(loc, log_var)`` (N, D) of ``experts``, each present where its mask in
-    ``masks`` says (everywhere when it has none). With no expert, zeros with ``reference``'s
-    rows, device and dtype (a ``ValueError`` when it is not given)."""
+    ``masks`` says (everywhere when it has none or None). With no expert, zeros with
+    ``reference``'s rows, device and dtype (a ``ValueError`` when it is not given)."""
     if not experts:
         if reference is None:
             raise ValueError("combine_experts: no expert and no reference tensor for the shape")
@@ -55,8 +62,7 @@ def combine_experts(
         return zeros, zeros
     locs = torch.stack([loc for loc, _ in experts.values()])
     log_vars = torch.stack([log_var for _, log_var in experts.values()])
-    everywhere = torch.ones(locs.shape[1], dtype=torch.bool, device=locs.device)
-    present = torch.stack([masks.get(name, everywhere) for name in experts])
+    present = torch.stack([_mask_or_everywhere(masks.get(name), locs) for name in experts])
     return poe_posterior(locs, log_vars, present, net.prior_expert)
 
 
