@@ -265,6 +265,10 @@ def test_a_step_minimises_the_elbo_plus_the_weighted_parts_and_logs_the_elbo(wei
         ({"self_training_weight": -1.0}, ValueError),
         ({"self_training_weight": float("inf")}, ValueError),
         ({"self_training_weight": None}, TypeError),
+        ({"self_training_ramp": -0.1}, ValueError),
+        ({"self_training_ramp": 1.5}, ValueError),
+        ({"self_training_ramp": float("nan")}, ValueError),
+        ({"self_training_ramp": "half"}, TypeError),
         ({"joint_moves": -1}, ValueError),
         ({"joint_moves": 1.5}, TypeError),
     ],
@@ -290,6 +294,45 @@ def test_the_self_training_weight_reaches_the_loop_and_the_resume_fingerprint():
     assert loop_options(a).cross_modal_weight == 1.0
     assert a.fingerprint(net, 6)["self_training_weight"] == 0.25
     assert a.fingerprint(net, 6) != b.fingerprint(net, 6)
+    ramped = FitOptions.from_keywords({"self_training_ramp": 0.0})
+    ramped.check_types()
+    assert loop_options(ramped).self_training_ramp == 0.0
+    assert loop_options(b).self_training_ramp == 0.5
+    assert ramped.fingerprint(net, 6) != b.fingerprint(net, 6)
+
+
+def test_the_self_training_ramp_rises_linearly_over_its_fraction_of_the_epochs():
+    from pima_pyro.inference.training_plan import Schedule
+
+    schedule = Schedule(10, 1, 2)
+    assert [schedule.ramp_factor(e, 0.5) for e in range(7)] == pytest.approx(
+        [0.2, 0.4, 0.6, 0.8, 1.0, 1.0, 1.0]
+    )
+    assert [schedule.ramp_factor(e, 0.25) for e in range(4)] == pytest.approx([0.4, 0.8, 1.0, 1.0])
+    assert all(schedule.ramp_factor(e, 0.0) == 1.0 for e in range(10))
+    assert Schedule(1, 0, 0).ramp_factor(0, 1.0) == 1.0
+
+
+@pytest.mark.parametrize("ramp, factor", [(0.5, 0.2), (0.0, 1.0), (1.0, 0.1)])
+def test_a_step_weights_the_self_training_part_by_the_ramp(ramp, factor):
+    """At epoch 0 of 10 the self-training part counts ``factor`` of its weight; the paired
+    part is not ramped."""
+    from pima_pyro.data import MultimodalData
+    from pima_pyro.inference.training_plan import LoopOptions, PIMATrainingPlan, Schedule
+
+    net = tiny_module()
+    batch = tiny_batch(net)
+    on_pairs, on_rest = _by_hand(net, batch)
+    data = MultimodalData({"x": batch.values["x"].float(), "y": batch.values["y"].float()})
+    options = LoopOptions(
+        batch_size=6, lr=1e-3, seed=0, cross_modal_weight=2.0, self_training_weight=1.5,
+        self_training_ramp=ramp,
+    )  # fmt: skip
+    plan = PIMATrainingPlan(net, data, Schedule(10, 0, 0), options)
+    plan._objective = lambda b: torch.tensor(1.0, dtype=torch.float64)
+    objective, _ = plan.step_objective(batch)
+    expected = 1.0 + 2.0 * on_pairs + 1.5 * factor * on_rest
+    assert float(objective.detach()) == pytest.approx(expected, rel=1e-10)
 
 
 @pytest.mark.parametrize("weights", [(1.0, 0.0), (0.0, 1.0), (0.0, 0.0)])

@@ -72,6 +72,12 @@ class Schedule:
         progress = min(1.0, (epoch - start) / (self.epochs - 1 - start))
         return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
+    def ramp_factor(self, epoch: int, fraction: float) -> float:
+        """``min(1, (epoch + 1) / (fraction * epochs))``: a weight that rises linearly over
+        the first ``fraction`` of the epochs, from epoch 0 on; 1 throughout when
+        ``fraction * epochs <= 1`` (``fraction=0``: no ramp)."""
+        return min(1.0, (epoch + 1) / max(1.0, fraction * self.epochs))
+
 
 @dataclass(frozen=True)
 class LoopOptions:
@@ -89,6 +95,7 @@ class LoopOptions:
     joint_moves: int = 3
     lr_decay: float = 0.1
     self_training_weight: float = 1.0
+    self_training_ramp: float = 0.5
 
 
 def epoch_seed(seed: int, epoch: int, step: int = -1) -> int:
@@ -291,12 +298,16 @@ class PIMATrainingPlan(pl.LightningModule):
         return loss + cross_modal_loss(self.net, batch, *weights), loss
 
     def cross_modal_weights(self) -> tuple[float, float] | None:
-        """The cross-modal term's two weights (paired, self-training), or ``None`` when the
-        term is absent (both weights 0, or no physics or no data modality)."""
-        weights = (self.options.cross_modal_weight, self.options.self_training_weight)
-        if weights == (0.0, 0.0) or not has_cross_modal_term(self.net):
+        """The cross-modal term's two weights this epoch (paired, self-training ramped by
+        ``self_training_ramp``), or ``None`` when the term is absent (both weights 0, or no
+        physics or no data modality)."""
+        options = self.options
+        if (options.cross_modal_weight, options.self_training_weight) == (0.0, 0.0):
             return None
-        return weights
+        if not has_cross_modal_term(self.net):
+            return None
+        ramp = self.schedule.ramp_factor(self.current_epoch, options.self_training_ramp)
+        return options.cross_modal_weight, options.self_training_weight * ramp
 
     def clip_gradients_of(self, phase: str) -> None:
         if self.options.clip_norm is not None:
