@@ -39,14 +39,15 @@ confident they are: minimum-entropy regularisation (Grandvalet and Bengio, 2005)
 assumption that unlabelled data teaches a classifier. Without it those rows reach the encoder
 only through the ELBO's KL term at temperature 1, and half the curves hidden gave no gain over
 discarding the unpaired images (issue 13: 0.952 vs 0.957 and 0.942 vs 0.963 image-only on
-seeds 1 and 2; with the term, 0.959 and 0.952). With several data modalities the target is
-their joint posterior, so each encoder also learns what the others see (co-training). The
-training plan ramps :math:`w_u` in linearly over the first ``self_training_ramp`` of the
-epochs (default half; ``Schedule.ramp_factor``), as semi-supervised training ramps its
-unlabelled term: early on the encoders' sharpened guesses come from an encoder that has not
-yet met the physics' clusters, and with few curves measured they were reinforced (issue 14:
-the 10% round of active learning fell from 0.769 to 0.724 for EIG with the full weight from
-the start).
+seeds 1 and 2); with the term, ramped, image-only accuracy is above the paired half's on 14
+of 15 fits (5 data seeds, 3 training seeds each; mean gain 0.025, docs/method.md). With several
+data modalities the target is their joint posterior, so each encoder also learns what the others
+see (co-training). The training plan ramps :math:`w_u` in linearly over the first
+``self_training_ramp`` of the epochs (default half; ``Schedule.ramp_factor``), as
+semi-supervised training ramps its unlabelled term: early on the encoders' sharpened guesses come
+from an encoder that has not yet met the physics' clusters, and with few curves measured they
+were reinforced (issue 14: the 10% round of active learning fell from 0.769 to 0.724 for EIG
+with the full weight from the start).
 """
 
 from __future__ import annotations
