@@ -4,6 +4,7 @@ Usage::
 
     python benchmarks/active_learning.py [--quick] [--seeds 5] [--epochs 30]
                                          [--dataset digits|tribology]
+                                         [--self-training-ramp 0.5]
 
 ``digits``: every image is known; the curve is known for 5% of the training samples at the
 start, and each round measures 5% more by each strategy (``pima_pyro.design.measurement_loop``;
@@ -74,7 +75,12 @@ def evaluator(setup: dict):
 
 
 def run(
-    seed: int, strategy: str, epochs: int, dataset: str = "digits", em_starts: int = 2
+    seed: int,
+    strategy: str,
+    epochs: int,
+    dataset: str = "digits",
+    em_starts: int = 2,
+    self_training_ramp: float = 0.5,
 ) -> list[dict]:
     setup = SETUPS[dataset](seed)
     train = setup["train"]
@@ -86,7 +92,7 @@ def run(
     model = PIMA(setup["specs"], n_clusters=setup["n_clusters"], latent_dim=setup["latent_dim"])
     options = {  # K is known here: each refit keeps every cluster
         "epochs": epochs, "seed": seed, "em_starts": em_starts, "num_threads": 1,
-        "prune_clusters": False,
+        "prune_clusters": False, "self_training_ramp": self_training_ramp,
     }  # fmt: skip
     return measurement_loop(
         model, train, setup["measure"], known, strategy, batch=int(0.05 * n), rounds=9,
@@ -101,12 +107,18 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--dataset", choices=list(SETUPS), default="digits")
     parser.add_argument("--em-starts", type=int, default=2, help="EM starts of each refit")
+    parser.add_argument(
+        "--self-training-ramp", type=float, default=0.5, help="fit(self_training_ramp=...)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     seeds = 2 if args.quick else args.seeds
     start = time.perf_counter()
     runs = {
-        s: [run(seed, s, args.epochs, args.dataset, args.em_starts) for seed in range(seeds)]
+        s: [
+            run(seed, s, args.epochs, args.dataset, args.em_starts, args.self_training_ramp)
+            for seed in range(seeds)
+        ]
         for s in STRATEGIES
     }
     curves = {}

@@ -5,6 +5,7 @@ Usage::
 
     python benchmarks/robustness.py [--seeds 5] [--scenario power expdecay k_unknown hidden pixel]
         [--fit-seed-offset N]   # training seed = data seed + N: the spread training alone causes
+        [--self-training-ramp F]   # fit(self_training_ramp=F); 0: full weight from epoch 0
 
 Each scenario builds a data set from scikit-learn's digits (labels = clusters) with a physics law,
 fits PIMA with the digits demo's settings (200 epochs, batch 128, lr 5e-3, latent 4, 1 thread)
@@ -209,7 +210,11 @@ def main() -> None:
     parser.add_argument(
         "--fit-seed-offset", type=int, default=0, help="training seed = data seed + this"
     )
+    parser.add_argument(
+        "--self-training-ramp", type=float, default=0.5, help="fit(self_training_ramp=...)"
+    )
     args = parser.parse_args()
+    FIT["self_training_ramp"] = args.self_training_ramp
     IMAGE_LIKELIHOOD.update(name=args.image, scale=args.image_scale)
     TRAINING["seed_offset"] = args.fit_seed_offset
     torch.set_num_threads(1)

@@ -281,8 +281,8 @@ def test_bad_weights_and_move_counts_are_refused_naming_the_option(option, error
 
 
 def test_the_self_training_weight_reaches_the_loop_and_the_resume_fingerprint():
-    """``fit``'s option arrives in ``LoopOptions`` (built positionally in ``run_loop``) and a
-    checkpoint written with another weight is not resumed."""
+    """``fit``'s options (the weight and the ramp) arrive in ``LoopOptions`` (built by name in
+    ``loop_options``) and a checkpoint written with another value is not resumed."""
     from pima_pyro.inference.training import FitOptions, loop_options
 
     net = tiny_module()
@@ -313,9 +313,11 @@ def test_the_self_training_ramp_rises_linearly_over_its_fraction_of_the_epochs()
     assert Schedule(1, 0, 0).ramp_factor(0, 1.0) == 1.0
 
 
-@pytest.mark.parametrize("ramp, factor", [(0.5, 0.2), (0.0, 1.0), (1.0, 0.1)])
-def test_a_step_weights_the_self_training_part_by_the_ramp(ramp, factor):
-    """At epoch 0 of 10 the self-training part counts ``factor`` of its weight; the paired
+@pytest.mark.parametrize(
+    "ramp, epoch, factor", [(0.5, 0, 0.2), (0.0, 0, 1.0), (1.0, 0, 0.1), (0.5, 3, 0.8)]
+)
+def test_a_step_weights_the_self_training_part_by_the_ramp(monkeypatch, ramp, epoch, factor):
+    """At ``epoch`` of 10 the self-training part counts ``factor`` of its weight; the paired
     part is not ramped."""
     from pima_pyro.data import MultimodalData
     from pima_pyro.inference.training_plan import LoopOptions, PIMATrainingPlan, Schedule
@@ -328,7 +330,9 @@ def test_a_step_weights_the_self_training_part_by_the_ramp(ramp, factor):
         batch_size=6, lr=1e-3, seed=0, cross_modal_weight=2.0, self_training_weight=1.5,
         self_training_ramp=ramp,
     )  # fmt: skip
+    monkeypatch.setattr(PIMATrainingPlan, "current_epoch", property(lambda _: epoch))
     plan = PIMATrainingPlan(net, data, Schedule(10, 0, 0), options)
+    assert plan.cross_modal_weights() == (2.0, pytest.approx(1.5 * factor))
     plan._objective = lambda b: torch.tensor(1.0, dtype=torch.float64)
     objective, _ = plan.step_objective(batch)
     expected = 1.0 + 2.0 * on_pairs + 1.5 * factor * on_rest

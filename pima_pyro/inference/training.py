@@ -117,11 +117,13 @@ class FitOptions:
             their sharpened (temperature 1/2) cluster posterior given every observed data
             modality to the one each data encoder implies alone (encoders only, as above).
             With ``cross_modal_weight=0`` as well, the loop trains on the plain ELBO.
-        self_training_ramp: the self-training weight rises linearly over this fraction of
-            the epochs (from ``1 / (ramp * epochs)`` of its value at epoch 0 to all of it),
-            as semi-supervised training ramps its unlabelled term (Laine and Aila, 2017):
-            targets from an encoder that has not yet met the physics' clusters reinforce its
-            first guesses. In ``[0, 1]``; ``0`` applies the full weight from the start.
+        self_training_ramp: the self-training weight at epoch ``e`` (from 0) is its value
+            times ``min(1, (e + 1) / max(1, self_training_ramp * epochs))``: it rises
+            linearly over this fraction of the epochs, as semi-supervised training ramps its
+            unlabelled term (Laine and Aila, 2017), because targets from an encoder that has
+            not yet met the physics' clusters reinforce its first guesses. In ``[0, 1]``;
+            ``0`` (or ``self_training_ramp * epochs <= 1``) applies the full weight from the
+            start. A fit stopped early (``early_stopping_patience``) may end inside the ramp.
         joint_moves: rounds of split-and-merge moves judged by the joint ELBO at the end
             of the anchor phase (:mod:`~pima_pyro.inference.joint_moves`): each round keeps
             the move that raises the ELBO most on up to 5,000 rows, if any. ``0`` skips them;
@@ -230,12 +232,12 @@ class FitOptions:
         for name in ("cross_modal_weight", "self_training_weight"):
             _check_non_negative(name, getattr(self, name))
             setattr(self, name, float(getattr(self, name)))
-        _check_non_negative("self_training_ramp", self.self_training_ramp)
-        if float(self.self_training_ramp) > 1.0:
-            raise ValueError(
-                f"fit: self_training_ramp must be in [0, 1], got {self.self_training_ramp!r}"
-            )
-        self.self_training_ramp = float(self.self_training_ramp)
+        ramp = self.self_training_ramp
+        if isinstance(ramp, bool) or not isinstance(ramp, numbers.Real):
+            raise TypeError(f"fit: self_training_ramp must be a number, got {ramp!r}")
+        if not 0.0 <= float(ramp) <= 1.0:  # NaN fails too
+            raise ValueError(f"fit: self_training_ramp must be in [0, 1], got {ramp!r}")
+        self.self_training_ramp = float(ramp)
         if self.clip_norm is not None:
             _check_positive("clip_norm", self.clip_norm)
             self.clip_norm = float(self.clip_norm)
