@@ -73,7 +73,7 @@ class Schedule:
         return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def ramp_factor(self, epoch: int, fraction: float) -> float:
-        """``min(1, (epoch + 1) / (fraction * epochs))``: a weight that rises linearly over
+        """``min(1, (epoch + 1) / max(1, fraction * epochs))``: a weight that rises linearly over
         the first ``fraction`` of the epochs, from epoch 0 on; 1 throughout when
         ``fraction * epochs <= 1`` (``fraction=0``: no ramp)."""
         return min(1.0, (epoch + 1) / max(1.0, fraction * self.epochs))
