@@ -33,6 +33,7 @@ SCRIPT = textwrap.dedent(
     from pima_pyro import PIMA
     from pima_pyro.datasets import affine_modalities, digits_affine
     data = digits_affine(seed=0).subset(np.arange(300))
+    data.masks["curve"] = torch.arange(300) % 2 == 0  # rows without a curve: self-training
     model = PIMA(affine_modalities(hidden=(32,)), n_clusters=10, latent_dim=3)
     mode, ckpt, out = sys.argv[1], sys.argv[2], sys.argv[3]
 
@@ -40,8 +41,10 @@ SCRIPT = textwrap.dedent(
         if mode == "kill" and epoch == 2 and step == 2:
             os.kill(os.getpid(), signal.SIGKILL)
 
+    # self_training_ramp=1: the weight differs in every epoch, so a resume must know its epoch
     model.fit(data, epochs=5, batch_size=64, seed=4, progress=False, num_threads=1,
-              checkpoint_dir=ckpt, resume=(mode == "resume"), on_step=kill_mid_epoch)
+              self_training_ramp=1.0, checkpoint_dir=ckpt, resume=(mode == "resume"),
+              on_step=kill_mid_epoch)
     torch.save(model.module.state_dict(), out)
     """
 )
@@ -59,7 +62,9 @@ def test_kill_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path):
     resumed = subprocess.run([sys.executable, str(script), "resume", str(ckpt), str(out)])
     assert resumed.returncode == 0
     reference = _model()
-    reference.fit(_data(), **SETTINGS)
+    data = _data()
+    data.masks["curve"] = torch.arange(300) % 2 == 0
+    reference.fit(data, self_training_ramp=1.0, **SETTINGS)
     resumed_state = torch.load(out, weights_only=True)
     max_diff = max(
         (resumed_state[k].double() - v.double()).abs().max().item()
