@@ -158,14 +158,26 @@ def cross_modal_loss(
     if cross_modal_weight:
         # only the paired part needs the physics posterior (every curve under every cluster)
         target = physics_targets(net, batch)
-        w_pairs = cross_modal_weight / paired.sum().clamp_min(1)
-        for name in names:
-            on_pairs = (batch.observed[name] & paired).to(log_q[name].dtype)
-            total = total - ((target * log_q[name]).sum(-1) * on_pairs).sum() * w_pairs
+        total = total + _mean_cross_entropy(batch, log_q, target, paired, cross_modal_weight)
     if self_training_weight:
-        self_target = self_training_targets(net, batch, experts, log_q)
-        w_rest = self_training_weight / unpaired.sum().clamp_min(1)
-        for name in names:
-            on_rest = (batch.observed[name] & unpaired).to(log_q[name].dtype)
-            total = total - ((self_target * log_q[name]).sum(-1) * on_rest).sum() * w_rest
+        target = self_training_targets(net, batch, experts, log_q)
+        total = total + _mean_cross_entropy(batch, log_q, target, unpaired, self_training_weight)
+    return total
+
+
+def _mean_cross_entropy(
+    batch: Batch,
+    log_q: dict[str, torch.Tensor],
+    target: torch.Tensor,
+    rows: torch.Tensor,
+    weight: float,
+) -> torch.Tensor:
+    r"""``weight`` times the mean over the selected ``rows`` of
+    :math:`-\sum_d \sum_c t_{nc} \log \tilde q_d(c \mid x_{dn})`, summed over the data
+    modalities ``d`` observed on the row (0 with no row)."""
+    per_row = weight / rows.sum().clamp_min(1)
+    total = torch.zeros((), device=target.device, dtype=target.dtype)
+    for name, log_q_d in log_q.items():
+        on_rows = (batch.observed[name] & rows).to(log_q_d.dtype)
+        total = total - ((target * log_q_d).sum(-1) * on_rows).sum() * per_row
     return total
