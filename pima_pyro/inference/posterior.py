@@ -149,11 +149,24 @@ def cluster_log_posterior(
             )
             has_data = any_observed_rows(batch, data_given, sl)
             log_pc = torch.where(has_data[:, None], log_pc_data, log_pc)
-        for name in physics_given:
-            ll = net.modalities[name].cluster_log_likelihood(batch.values[name][sl])  # (n, K)
-            log_pc = log_pc + ll * batch.observed[name][sl, None]
+        log_pc = log_pc + physics_log_likelihood(net, batch, physics_given, sl)
         out.append(cluster_log_posterior_from_joint(log_pc))
     return torch.cat(out)
+
+
+def physics_log_likelihood(
+    net: PIMAModule, batch: Batch, names: Sequence[str], rows: slice
+) -> torch.Tensor:
+    r""":math:`\sum_p o_{np} \log p(y_{np} \mid c)` (n, K): the evidence the physics
+    modalities ``names`` give about the cluster of each of the batch's ``rows``, each counted
+    where it is observed (:math:`o_{np}` = 1); zeros when ``names`` is empty."""
+    loc = net.mixture.loc
+    size = len(range(*rows.indices(batch.size)))
+    total = torch.zeros(size, net.n_clusters, device=loc.device, dtype=loc.dtype)
+    for name in names:
+        ll = net.modalities[name].cluster_log_likelihood(batch.values[name][rows])  # (n, K)
+        total = total + ll * batch.observed[name][rows, None]
+    return total
 
 
 def standard_normal_qmc(

@@ -297,17 +297,18 @@ class PIMATrainingPlan(pl.LightningModule):
             return loss, loss
         return loss + cross_modal_loss(self.net, batch, *weights), loss
 
-    def cross_modal_weights(self) -> tuple[float, float] | None:
-        """The cross-modal term's two weights this epoch (paired, self-training ramped by
-        ``self_training_ramp``), or ``None`` when the term is absent (both weights 0, or no
-        physics or no data modality)."""
+    def cross_modal_weights(self) -> tuple[float, float, float] | None:
+        """The cross-modal term's weights this epoch: paired, self-training and the exponent of
+        the data modalities' evidence in the paired target, the last two ramped in by
+        ``self_training_ramp``; ``None`` when the term is absent (both weights 0, or no physics
+        or no data modality)."""
         options = self.options
         if (options.cross_modal_weight, options.self_training_weight) == (0.0, 0.0):
             return None
         if not has_cross_modal_term(self.net):
             return None
         ramp = self.schedule.ramp_factor(self.current_epoch, options.self_training_ramp)
-        return options.cross_modal_weight, options.self_training_weight * ramp
+        return options.cross_modal_weight, options.self_training_weight * ramp, ramp
 
     def clip_gradients_of(self, phase: str) -> None:
         if self.options.clip_norm is not None:
