@@ -127,9 +127,9 @@ def test_the_self_training_target_is_held_fixed():
         torch.testing.assert_close(g, p.grad, rtol=1e-10, atol=1e-12)
 
 
-def test_with_two_data_modalities_the_target_is_their_joint_posterior():
-    """Rows without y: each encoder's cross-entropy is to the sharpened posterior of the PoE
-    of every observed data modality (co-training), computed here from the joint encoding."""
+def _two_data_modalities(y_seen: list[int]):
+    """Data modalities x and w (each missing on some rows) and a physics y observed on
+    ``y_seen``; ``log_q_of(present)`` is the closed-form log q(c | PoE) in numpy."""
     torch.manual_seed(0)
     specs = {
         "x": GaussianModality(shape=(3,), scale=0.7, hidden=(8,)),
@@ -139,19 +139,19 @@ def test_with_two_data_modalities_the_target_is_their_joint_posterior():
     net = PIMAModule(specs, 3, 2).double()
     with torch.no_grad():
         net.mixture.loc.copy_(2 * torch.randn(3, 2))
+        net.modalities["y"].expert.unconstrained_noise.add_(3.0)  # vague curves
     g = torch.Generator().manual_seed(3)
-    n = 5
+    n = len(y_seen)
     values = {
         "x": torch.randn(n, 3, generator=g, dtype=torch.float64),
         "w": torch.randn(n, 2, generator=g, dtype=torch.float64),
-        "y": torch.zeros(n, 5, dtype=torch.float64),
+        "y": torch.randn(n, 5, generator=g, dtype=torch.float64),
     }
     observed = {
-        "x": torch.tensor([1, 1, 0, 1, 1], dtype=torch.bool),
-        "w": torch.tensor([1, 0, 1, 1, 0], dtype=torch.bool),
-        "y": torch.zeros(n, dtype=torch.bool),
+        "x": torch.tensor([1, 1, 0, 1, 1], dtype=torch.bool)[:n],
+        "w": torch.tensor([1, 0, 1, 1, 0], dtype=torch.bool)[:n],
+        "y": torch.tensor(y_seen, dtype=torch.bool),
     }
-    batch = Batch(values, observed, torch.arange(n), n)
     with torch.no_grad():
         mu, sigma = net.mixture.loc.numpy(), net.mixture.scale.numpy()
         log_pi = net.mixture.log_weights.numpy()
@@ -168,6 +168,14 @@ def test_with_two_data_modalities_the_target_is_their_joint_posterior():
         return np.log(_softmax(log_pi + expected))
 
     seen = {k: observed[k].numpy().astype(float) for k in ("x", "w")}
+    return net, Batch(values, observed, torch.arange(n), n), log_q_of, seen
+
+
+def test_with_two_data_modalities_the_target_is_their_joint_posterior():
+    """Rows without y: each encoder's cross-entropy is to the sharpened posterior of the PoE
+    of every observed data modality (co-training), computed here from the joint encoding."""
+    net, batch, log_q_of, seen = _two_data_modalities([0, 0, 0, 0, 0])
+    n = batch.size
     target = _softmax(2.0 * log_q_of(seen))
     ones = np.ones(n)
     expected = -sum(
@@ -179,6 +187,25 @@ def test_with_two_data_modalities_the_target_is_their_joint_posterior():
         for k in ("x", "w")
     )
     assert abs(own - expected) > 1e-3  # the joint target is not each modality's own
+
+
+def test_with_two_data_modalities_the_paired_target_uses_their_joint_posterior():
+    """Rows with y: the target is Bayes' rule on the curve's likelihood and, at full data
+    evidence, the PoE posterior of every observed data modality (not each encoder's own)."""
+    net, batch, log_q_of, seen = _two_data_modalities([1, 1, 1, 1, 1])
+    n = batch.size
+    with torch.no_grad():
+        ll = net.modalities["y"].cluster_log_likelihood(batch.values["y"]).numpy()
+    ones = np.ones(n)
+
+    def paired_part(log_q_target):
+        target = _softmax(log_q_target + ll)
+        return -sum(((target * log_q_of({k: ones})).sum(-1) * seen[k]).sum() / n for k in seen)
+
+    expected = paired_part(log_q_of(seen))
+    assert float(cross_modal_loss(net, batch, 1.0, 0.0, 1.0)) == pytest.approx(expected, rel=1e-6)
+    own_x = paired_part(log_q_of({"x": ones}))
+    assert abs(own_x - expected) > 1e-3 * abs(expected)  # the joint is not x's own
 
 
 def test_each_data_encoder_runs_once_per_evaluation():
@@ -335,7 +362,7 @@ def test_a_step_weights_the_self_training_part_by_the_ramp(monkeypatch, ramp, ep
 
     net = _vague_physics_module()
     batch = tiny_batch(net)
-    on_pairs, on_rest = _by_hand(net, batch)
+    _, on_rest = _by_hand(net, batch)
     data = MultimodalData({"x": batch.values["x"].float(), "y": batch.values["y"].float()})
     options = LoopOptions(
         batch_size=6, lr=1e-3, seed=0, cross_modal_weight=2.0, self_training_weight=1.5,
@@ -377,7 +404,7 @@ def test_without_the_paired_part_the_physics_likelihood_is_not_computed(monkeypa
     net = tiny_module()
     batch = tiny_batch(net)
     before_patch = float(cross_modal_loss(net, batch, 0.0, 1.0))
-    monkeypatch.setattr(cross_modal, "physics_log_likelihood", refuse)
+    monkeypatch.setattr(cross_modal, "physics_cluster_log_likelihood", refuse)
     assert float(cross_modal_loss(net, batch, 0.0, 1.0)) == before_patch
     with pytest.raises(AssertionError, match="computed"):
         cross_modal_loss(net, batch, 1.0, 1.0)

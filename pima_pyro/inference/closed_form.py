@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from pima_pyro.data import Batch
-from pima_pyro.inference.posterior import physics_log_likelihood
+from pima_pyro.inference.posterior import physics_cluster_log_likelihood
 from pima_pyro.models.guide import encode, latent_distribution
 from pima_pyro.models.mixture import marginalize_clusters
 from pima_pyro.models.module import PIMAModule
@@ -45,7 +45,7 @@ def mixture_terms(
     \sum_m \log p(y_m \mid c)` per sample and cluster, (B, K)."""
     mix = net.mixture
     a = mix.log_weights + mix.expected_component_log_prob(loc, var)
-    return a + physics_log_likelihood(net, batch, net.physics_names, slice(0, batch.size))
+    return a + physics_cluster_log_likelihood(net, batch, net.physics_names, slice(0, batch.size))
 
 
 def closed_form_bound(net: PIMAModule, batch: Batch) -> torch.Tensor:

@@ -32,10 +32,12 @@ at noise 0.1: the physics alone places 0.895 of the paired training curves of is
 hidden-curve set right), each image is taught the confusion of a curve it does not see. At
 :math:`\lambda = 1`, :math:`r` is the posterior given the curve and the data modalities, with
 :math:`\tilde q` standing in for :math:`\pi_c\, p(x \mid c)`: the E-step's responsibilities,
-the wake-phase target of reweighted wake-sleep. :math:`\lambda` rises from 0 to 1 with the
-self-training ramp (``self_training_ramp``, below): at 1 from the first step, an encoder that
-starts confidently wrong teaches itself (a unit-test toy: 0.63 of the clusters right after 300
-steps, against at least 0.98 ramped).
+the wake-phase target of reweighted wake-sleep. :math:`\lambda` is the self-training ramp's
+factor (``self_training_ramp``, below): :math:`1 / (\texttt{self\_training\_ramp} \cdot
+\texttt{epochs})` in the first epoch, rising linearly to 1 (the target is never the physics
+posterior exactly, only close to it at first). At 1 from the first step
+(``self_training_ramp=0``), an encoder that starts confidently wrong teaches itself (a
+unit-test toy: 0.63 of the clusters right after 300 steps, against at least 0.98 ramped).
 
 **Rows without a physics modality** (unpaired images) get the self-training part (weight
 ``self_training_weight``)
@@ -52,11 +54,11 @@ confident they are: minimum-entropy regularisation (Grandvalet and Bengio, 2005)
 assumption that unlabelled data teaches a classifier. Without it those rows reach the encoder
 only through the ELBO's KL term at temperature 1, and half the curves hidden gave no gain over
 discarding the unpaired images (issue 13: 0.952 vs 0.957 and 0.942 vs 0.963 image-only on
-seeds 1 and 2); with the term, ramped, image-only accuracy is above the paired half's on 14
-of 15 fits (5 data seeds, 3 training seeds each; mean gain 0.025, docs/method.md). With several
+seeds 1 and 2); with the term, ramped, image-only accuracy is above the paired half's on 13
+of 15 fits (5 data seeds, 3 training seeds each; mean gain 0.024, docs/method.md). With several
 data modalities the target is their joint posterior, so each encoder also learns what the others
-see (co-training). The training plan ramps :math:`w_u` in linearly over the first
-``self_training_ramp`` of the epochs (default half; ``Schedule.ramp_factor``), as
+see (co-training). The training plan ramps :math:`w_u` and :math:`\lambda` in linearly over the
+first ``self_training_ramp`` of the epochs (default half; ``Schedule.ramp_factor``), as
 semi-supervised training ramps its unlabelled term: early on the encoders' sharpened guesses come
 from an encoder that has not yet met the physics' clusters, and with few curves measured they
 were reinforced (issue 14: the 10% round of active learning fell from 0.769 to 0.724 for EIG
@@ -68,7 +70,7 @@ from __future__ import annotations
 import torch
 
 from pima_pyro.data import Batch
-from pima_pyro.inference.posterior import any_observed_rows, physics_log_likelihood
+from pima_pyro.inference.posterior import any_observed_rows, physics_cluster_log_likelihood
 from pima_pyro.models.guide import combine_experts, encode_experts
 from pima_pyro.models.mixture import cluster_log_posterior_from_joint, expected_normal_log_prob
 from pima_pyro.models.module import PIMAModule
@@ -138,7 +140,7 @@ def data_cluster_log_posterior(
 
 
 def paired_targets(
-    net: PIMAModule, batch: Batch, log_q_data: torch.Tensor, data_evidence: float = 1.0
+    net: PIMAModule, batch: Batch, log_q_data: torch.Tensor, data_evidence: float
 ) -> torch.Tensor:
     r"""The paired part's target (B, K), without gradient; meaningful on :func:`paired_rows`:
 
@@ -150,13 +152,14 @@ def paired_targets(
     with ``log_q_data`` = :math:`\log \tilde q(c \mid x_D)` (:func:`data_cluster_log_posterior`)
     and :math:`\lambda` = ``data_evidence`` in [0, 1]: the physics posterior
     :math:`p(c \mid y_n)` at 0, the posterior given the curve and the data modalities at 1
-    (:math:`\tilde q` standing in for :math:`\pi_c\,p(x \mid c)`)."""
+    (:math:`\tilde q` standing in for :math:`\pi_c\,p(x \mid c)`). No default: the training
+    plan passes the ramp's factor (``Schedule.ramp_factor``). Inactive clusters have the
+    finite ``EMPTY_LOG_WEIGHT`` in both terms, so the blend stays finite."""
     with torch.no_grad():
         log_prior = net.plug_in_logits().detach().expand_as(log_q_data)
         blend = data_evidence * log_q_data + (1.0 - data_evidence) * log_prior
-        # inactive clusters: -inf in both, where the blend could give 0 * -inf
-        blend = torch.where(torch.isfinite(log_prior), blend, log_prior)
-        physics = physics_log_likelihood(net, batch, _physics_in(net, batch), slice(0, batch.size))
+        rows = slice(0, batch.size)
+        physics = physics_cluster_log_likelihood(net, batch, _physics_in(net, batch), rows)
         return cluster_log_posterior_from_joint(blend + physics).exp()
 
 

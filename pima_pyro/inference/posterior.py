@@ -149,12 +149,12 @@ def cluster_log_posterior(
             )
             has_data = any_observed_rows(batch, data_given, sl)
             log_pc = torch.where(has_data[:, None], log_pc_data, log_pc)
-        log_pc = log_pc + physics_log_likelihood(net, batch, physics_given, sl)
+        log_pc = log_pc + physics_cluster_log_likelihood(net, batch, physics_given, sl)
         out.append(cluster_log_posterior_from_joint(log_pc))
     return torch.cat(out)
 
 
-def physics_log_likelihood(
+def physics_cluster_log_likelihood(
     net: PIMAModule, batch: Batch, names: Sequence[str], rows: slice
 ) -> torch.Tensor:
     r""":math:`\sum_p o_{np} \log p(y_{np} \mid c)` (n, K): the evidence the physics

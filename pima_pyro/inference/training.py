@@ -108,20 +108,26 @@ class FitOptions:
             :func:`~pima_pyro.inference.mcmc.physics_nuts`, which needs every cluster.
         cross_modal_weight: weight of the cross-modal cluster term's paired part
             (:mod:`~pima_pyro.inference.cross_modal`): on samples with a data modality and a
-            physics modality observed, the cross-entropy from the exact physics cluster
-            posterior to the one each data encoder implies alone. It trains the encoders
-            only (the generative parameters follow the ELBO alone). The logged
-            ``train_loss`` is the -ELBO either way.
+            physics modality observed, the cross-entropy from the cluster posterior given the
+            curves (and, ramped in by ``self_training_ramp``, the data modalities) to the one
+            each data encoder implies alone. It trains the encoders only (the generative
+            parameters follow the ELBO alone). The logged ``train_loss`` is the -ELBO either
+            way.
         self_training_weight: weight of the cross-modal term's self-training part: on
             samples with a data modality and no physics modality, the cross-entropy from
             their sharpened (temperature 1/2) cluster posterior given every observed data
             modality to the one each data encoder implies alone (encoders only, as above).
             With ``cross_modal_weight=0`` as well, the loop trains on the plain ELBO.
         self_training_ramp: the self-training weight at epoch ``e`` (from 0) is its value
-            times ``min(1, (e + 1) / max(1, self_training_ramp * epochs))``: it rises
-            linearly over this fraction of the epochs, as semi-supervised training ramps its
-            unlabelled term (Laine and Aila, 2017), because targets from an encoder that has
-            not yet met the physics' clusters reinforce its first guesses. In ``[0, 1]``;
+            times ``f = min(1, (e + 1) / max(1, self_training_ramp * epochs))``, and the
+            paired part's target weighs the data modalities' evidence by the power ``f``
+            (from close to the physics posterior, ``f = 1 / (self_training_ramp * epochs)``
+            in the first epoch, to the posterior given the curves and the data at ``f = 1``;
+            with ``self_training_weight=0`` too): both rise linearly over this fraction of
+            the epochs, as semi-supervised
+            training ramps its unlabelled term (Laine and Aila, 2017), because targets from
+            an encoder that has not yet met the physics' clusters reinforce its first
+            guesses. In ``[0, 1]``;
             ``0`` (or ``self_training_ramp * epochs <= 1``) applies the full weight from the
             start. A fit stopped early (``early_stopping_patience``) may end inside the ramp.
         joint_moves: rounds of split-and-merge moves judged by the joint ELBO at the end

@@ -288,7 +288,7 @@ class PIMATrainingPlan(pl.LightningModule):
 
     def step_objective(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """``(objective, loss)``: what a step minimises, and its -ELBO per sample (logged).
-        The objective adds the cross-modal cluster term with its two weights
+        The objective adds the cross-modal cluster term with its weights and ramp
         (:mod:`~pima_pyro.inference.cross_modal`), whose gradient reaches the encoders only."""
         assert self._objective is not None
         loss = self._objective(batch)
