@@ -124,12 +124,11 @@ class FitOptions:
             (from close to the physics posterior, ``f = 1 / (self_training_ramp * epochs)``
             in the first epoch, to the posterior given the curves and the data at ``f = 1``;
             with ``self_training_weight=0`` too): both rise linearly over this fraction of
-            the epochs, as semi-supervised
-            training ramps its unlabelled term (Laine and Aila, 2017), because targets from
-            an encoder that has not yet met the physics' clusters reinforce its first
-            guesses. In ``[0, 1]``;
-            ``0`` (or ``self_training_ramp * epochs <= 1``) applies the full weight from the
-            start. A fit stopped early (``early_stopping_patience``) may end inside the ramp.
+            the epochs, as semi-supervised training ramps its unlabelled term (Laine and
+            Aila, 2017), because targets from an encoder that has not yet met the physics'
+            clusters reinforce its first guesses. In ``[0, 1]``; ``0`` (or
+            ``self_training_ramp * epochs <= 1``) applies both in full from the start. A fit
+            stopped early (``early_stopping_patience``) may end inside the ramp.
         joint_moves: rounds of split-and-merge moves judged by the joint ELBO at the end
             of the anchor phase (:mod:`~pima_pyro.inference.joint_moves`): each round keeps
             the move that raises the ELBO most on up to 5,000 rows, if any. ``0`` skips them;
