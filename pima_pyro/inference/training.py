@@ -238,8 +238,7 @@ class FitOptions:
             _check_non_negative(name, getattr(self, name))
             setattr(self, name, float(getattr(self, name)))
         ramp = self.self_training_ramp
-        if isinstance(ramp, bool) or not isinstance(ramp, numbers.Real):
-            raise TypeError(f"fit: self_training_ramp must be a number, got {ramp!r}")
+        _check_number("self_training_ramp", ramp)
         if not 0.0 <= float(ramp) <= 1.0:  # NaN fails too
             raise ValueError(f"fit: self_training_ramp must be in [0, 1], got {ramp!r}")
         self.self_training_ramp = float(ramp)
@@ -298,16 +297,20 @@ def _check_int(name: str, value: object, low: int) -> None:
         raise ValueError(f"fit: {name} must be >= {low}, got {value}")
 
 
-def _check_positive(name: str, value: object) -> None:
+def _check_number(name: str, value: object) -> None:
+    """A ``TypeError`` naming ``name`` unless ``value`` is a real number (a bool is not)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"fit: {name} must be a number, got {value!r}")
+
+
+def _check_positive(name: str, value: object) -> None:
+    _check_number(name, value)
     if not (math.isfinite(float(value)) and float(value) > 0):
         raise ValueError(f"fit: {name} must be a finite number > 0, got {value!r}")
 
 
 def _check_non_negative(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"fit: {name} must be a number, got {value!r}")
+    _check_number(name, value)
     if not (math.isfinite(float(value)) and float(value) >= 0):
         raise ValueError(f"fit: {name} must be a finite number >= 0, got {value!r}")
 
