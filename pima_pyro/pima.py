@@ -32,7 +32,7 @@ from pima_pyro.inference.posterior import (
     predict_modality,
 )
 from pima_pyro.inference.svi import History, resolve_device
-from pima_pyro.models.experts import PhysicsExpert
+from pima_pyro.models.experts import PhysicsExpert, finite_start
 from pima_pyro.models.modalities import BernoulliModality, Modality, PhysicsModality
 from pima_pyro.models.module import PIMAModule
 
@@ -59,9 +59,40 @@ def check_expert_output(
     if not curves.is_floating_point() or not bool(torch.isfinite(curves).all()):
         raise ValueError(
             f"{label} returns non-finite or non-float values at its start theta "
-            f"{expert.theta[0].tolist()}; give a start where the law is defined "
-            "(Custom(init=...)) or a prior whose support excludes the bad region"
+            f"{expert.theta[0].tolist()} (and at every prior draw tried, unless you gave "
+            "init); give a start where the law is defined (Custom(init=...)) or a prior "
+            "whose support excludes the bad region"
         )
+
+
+def _curves_at_start(name: str, expert: PhysicsExpert, grid: torch.Tensor) -> object:
+    try:
+        with torch.no_grad():
+            return expert.expected_curve(expert.theta, grid)
+    except Exception as exc:
+        raise ValueError(
+            f"modality '{name}': expert {type(expert).__name__} failed on the grid of "
+            f"{grid.shape[0]} points: {exc}"
+        ) from exc
+
+
+def start_physics_expert(name: str, expert: PhysicsExpert, grid: torch.Tensor) -> None:
+    """Checks the bound ``expert``'s curves on ``grid`` at its start. A law not finite at the
+    default start (no user ``init``) starts instead at the nearest finite candidate of the
+    data-driven search (:func:`~pima_pyro.models.experts.finite_start`); a user's ``init``
+    is never replaced."""
+    curves = _curves_at_start(name, expert, grid)
+    user_init = bool(getattr(expert, "init", None))
+    finite = isinstance(curves, torch.Tensor) and bool(torch.isfinite(curves).all())
+    if not finite and not user_init and isinstance(curves, torch.Tensor):
+        try:
+            start = finite_start(expert, grid)
+        except Exception:  # a law that fails on a batch of candidates: the error below says so
+            start = None
+        if start is not None:
+            expert.set_theta(start.expand(expert.n_clusters, -1))
+            curves = _curves_at_start(name, expert, grid)
+    check_expert_output(name, expert, curves, (expert.n_clusters, grid.shape[0]))
 
 
 class PIMA:
@@ -182,16 +213,7 @@ class PIMA:
         for name in module.physics_names:
             physics = module.modalities[name]
             physics.grid.copy_(data.grids[name])
-            expert = physics.expert
-            try:
-                with torch.no_grad():
-                    curves = expert.expected_curve(expert.theta, physics.grid)
-            except Exception as exc:
-                raise ValueError(
-                    f"modality '{name}': expert {type(expert).__name__} failed on the grid of "
-                    f"{physics.grid.shape[0]} points: {exc}"
-                ) from exc
-            check_expert_output(name, expert, curves, (self.n_clusters, physics.grid.shape[0]))
+            start_physics_expert(name, physics.expert, physics.grid)
         return module
 
     def build(self, data: MultimodalData) -> PIMAModule:

@@ -352,3 +352,54 @@ def test_a_start_search_smaller_than_k_is_refused():
         physics_mixture_em(
             {"y": y}, {"y": mask}, {"y": LinearThroughOrigin()}, {"y": t}, 3, start_rows=2
         )
+
+
+def _peak(t, a, m, w):
+    return a * torch.exp(-((t - m) ** 2) / (2 * w**2))
+
+
+def _peak_data(seed=0):
+    """Three clusters of Gaussian peaks: (a, m, w) = (1, 0.5, 0.3), (2, 1, 0.3), (3, 1.5, 0.3)."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(3), 40)
+    t = np.linspace(0, 2, 20)
+    a, m = 1.0 + labels, 0.5 + 0.5 * labels
+    y = a[:, None] * np.exp(-((t - m[:, None]) ** 2) / (2 * 0.3**2))
+    y = y + 0.05 * rng.normal(size=y.shape)
+    x = rng.normal(size=(labels.size, 3)) + 3.0 * labels[:, None]
+    from pima_pyro import MultimodalData
+
+    return MultimodalData({"x": x, "y": y}, grids={"y": t}, labels=labels)
+
+
+def test_law_undefined_at_the_default_start_starts_at_the_nearest_finite_candidate():
+    """A width at 0 makes the peak 0/0 at the default start: the model starts instead at the
+    finite start candidate nearest the origin (brute force over the candidates) and the fit
+    recovers every peak; a user's init at a bad point (w = 0, m = 0 on the grid) is refused,
+    never replaced."""
+    data = _peak_data()
+    model = PIMA(
+        {
+            "x": GaussianModality(hidden=(16,)),
+            "y": PhysicsModality(
+                expert=Custom(_peak, {"a": (1,), "m": (1,), "w": (1,)}), hidden=(16,)
+            ),
+        },
+        n_clusters=3,
+        latent_dim=2,
+    )
+    expert = model.build(data).modalities["y"].expert
+    candidates = start_candidates(expert, torch.float32)
+    t = data.grids["y"].float()
+    finite = torch.isfinite(expert.expected_curve(candidates, t)).all(-1)
+    norms = torch.where(finite, candidates.norm(dim=-1), torch.tensor(float("inf")))
+    torch.testing.assert_close(expert.theta.detach()[0], candidates[norms.argmin()])
+    model.fit(data, epochs=2, batch_size=40, seed=0, progress=False)
+    theta = model.physics_parameters()["y"]["theta"]
+    theta[:, 2] = np.abs(theta[:, 2])  # the peak is even in w
+    got = theta[np.argsort(theta[:, 0])]
+    truth = np.array([[1.0, 0.5, 0.3], [2.0, 1.0, 0.3], [3.0, 1.5, 0.3]])
+    np.testing.assert_allclose(got, truth, rtol=0.05)
+    bad = Custom(_peak, {"a": (1,), "m": (1,), "w": (1,)}, init={"a": [1.0], "m": [0.0]})
+    with pytest.raises(ValueError, match="modality 'y'.*non-finite"):
+        PIMA({"x": GaussianModality(), "y": PhysicsModality(expert=bad)}, n_clusters=3).build(data)

@@ -458,6 +458,22 @@ def start_candidates(
     return transform(torch.cat(shrunk))
 
 
+def finite_start(expert: PhysicsExpert, t: torch.Tensor) -> torch.Tensor | None:
+    r"""The candidate of :func:`start_candidates` nearest the origin (in unconstrained
+    coordinates) whose curve on ``t`` is finite, (P,); ``None`` when none is. For laws
+    undefined at the default start (a width or a denominator at 0): the model needs a
+    finite start to build; the data-driven start then searches from the data."""
+    with torch.no_grad():
+        candidates = start_candidates(expert, t.dtype, t.device)
+        finite = torch.isfinite(expert.expected_curve(candidates, t)).all(-1)
+        if not bool(finite.any()):
+            return None
+        distance = expert.theta_transform.inv(candidates).norm(dim=-1)
+        usable = finite & torch.isfinite(distance)
+        distance = torch.where(usable, distance, torch.full_like(distance, float("inf")))
+        return candidates[distance.argmin()]
+
+
 def best_candidates(
     expert: PhysicsExpert, curves: torch.Tensor, t: torch.Tensor, candidates: torch.Tensor
 ) -> torch.Tensor:
@@ -572,7 +588,8 @@ class Custom(PhysicsExpert):
             coordinates, so the parameter never leaves its support. Supports must be
             elementwise (real, positive, an interval, ...).
         init: optional ``name -> tensor`` start (default: the image of 0 under the support's
-            bijection: 0 for real, 1 for positive parameters).
+            bijection: 0 for real, 1 for positive parameters; where the law is not finite
+            there, the model starts at :func:`finite_start`).
     """
 
     def __init__(
