@@ -3,7 +3,8 @@ an over-specified K, missing curves and the pixel likelihood's posterior predict
 
 Usage::
 
-    python benchmarks/robustness.py [--seeds 5] [--scenario power expdecay k_unknown hidden pixel]
+    python benchmarks/robustness.py [--seeds 5]
+        [--scenario power peak expdecay k_unknown hidden pixel]
         [--fit-seed-offset N]   # training seed = data seed + N: the spread training alone causes
         [--self-training-ramp F]   # fit(self_training_ramp=F); 0: full weight from epoch 0
 
@@ -13,6 +14,8 @@ and prints one row per seed; the LAST line is one JSON object with every figure.
 
 * ``power``: ``Custom(a * t**p)`` with the default start (no ``init``), ten clusters; figure:
   the largest relative error of a or p over the matched clusters.
+* ``peak``: ``Custom(a * exp(-(t - m)**2 / (2 w**2)))``, not finite at the default start
+  (w = 0), no ``init``; the largest relative error of a, m or |w|.
 * ``expdecay``: ten ``ExponentialDecay`` clusters with rates 0.3..3.0; joint and image-only
   accuracy (test split).
 * ``k_unknown``: five digits with sizes 1:2:4:8:16 and lines of slope 2 * digit, fitted with
@@ -119,6 +122,34 @@ def power_law_theta(theta: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return power_law(t, theta[..., :1], theta[..., 1:2])
 
 
+def peak_law(t: torch.Tensor, a: torch.Tensor, m: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return a * torch.exp(-((t - m) ** 2) / (2 * w**2))
+
+
+def peak_law_theta(theta: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return peak_law(t, theta[..., :1], theta[..., 1:2], theta[..., 2:3])
+
+
+def scenario_peak(seed: int) -> dict[str, float]:
+    """A law not finite at the default start (w = 0: 0/0), no ``init``; the peak is even
+    in w, so errors compare |w|."""
+    truth = {d: [1.0 + 0.2 * d, 0.2 + 0.17 * d, 0.3] for d in range(10)}
+    data = digits_physics(peak_law_theta, truth, np.linspace(0, 2, 20), 0.1, seed=seed)
+    train, test = data.train_test_split(0.3, seed=seed)
+    expert = Custom(peak_law, {"a": (1,), "m": (1,), "w": (1,)})
+    model = _fit(
+        {"image": DIGITS_IMAGE(), "curve": PhysicsModality(expert=expert)}, train, 10, seed
+    )
+    theta, mapping = _matched_theta(model, train)
+    theta[:, 2] = np.abs(theta[:, 2])
+    errors = [np.abs(theta[c] - truth[d]) / np.abs(truth[d]) for c, d in mapping.items()]
+    return {
+        "max_rel_error": float(np.max(errors)),
+        "joint": _accuracy(model, test, None),
+        "image_only": _accuracy(model, test, ["image"]),
+    }
+
+
 def _expdecay_data(seed: int):
     return digits_physics(
         ExponentialDecay().expected_curve, _expdecay_truth(), np.linspace(0, 2, 20), 0.1, seed
@@ -188,6 +219,7 @@ def scenario_pixel(seed: int) -> dict[str, float]:
 
 SCENARIOS = {
     "power": scenario_power,
+    "peak": scenario_peak,
     "expdecay": scenario_expdecay,
     "k_unknown": scenario_k_unknown,
     "hidden": scenario_hidden,

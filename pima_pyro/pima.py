@@ -32,7 +32,7 @@ from pima_pyro.inference.posterior import (
     predict_modality,
 )
 from pima_pyro.inference.svi import History, resolve_device
-from pima_pyro.models.experts import PhysicsExpert, finite_start
+from pima_pyro.models.experts import PhysicsExpert, data_start
 from pima_pyro.models.modalities import BernoulliModality, Modality, PhysicsModality
 from pima_pyro.models.module import PIMAModule
 
@@ -44,10 +44,32 @@ def _package_version() -> str:
 
 
 def check_expert_output(
-    name: str, expert: PhysicsExpert, curves: object, expected: tuple[int, int]
+    name: str,
+    expert: PhysicsExpert,
+    curves: object,
+    expected: tuple[int, int],
+    searched: bool = False,
 ) -> None:
     """The expert's curves at its start, checked once before training: a tensor of
-    ``expected`` shape (clusters, grid points), finite."""
+    ``expected`` shape (clusters, grid points), finite. ``searched``: :func:`data_start` found
+    no finite start either (said in the message)."""
+    _check_curve_shape(name, expert, curves, expected)
+    assert isinstance(curves, torch.Tensor)
+    if not _finite_float(curves):
+        where = (
+            " and at every start candidate tried (the parameters without init)" if searched else ""
+        )
+        raise ValueError(
+            f"modality '{name}': expert {type(expert).__name__} returns non-finite or "
+            f"non-float values at its start theta {expert.theta[0].tolist()}{where}; give a "
+            "start where the law is defined (Custom(init=...)) or a prior whose support "
+            "excludes the bad region"
+        )
+
+
+def _check_curve_shape(
+    name: str, expert: PhysicsExpert, curves: object, expected: tuple[int, int]
+) -> None:
     label = f"modality '{name}': expert {type(expert).__name__}"
     if not isinstance(curves, torch.Tensor):
         raise TypeError(f"{label} must return a torch.Tensor, got {type(curves).__name__}")
@@ -56,16 +78,15 @@ def check_expert_output(
             f"{label} returns curves of shape {tuple(curves.shape)}; expected {expected} "
             "(clusters, grid points)"
         )
-    if not curves.is_floating_point() or not bool(torch.isfinite(curves).all()):
-        raise ValueError(
-            f"{label} returns non-finite or non-float values at its start theta "
-            f"{expert.theta[0].tolist()} (and at every prior draw tried, unless you gave "
-            "init); give a start where the law is defined (Custom(init=...)) or a prior "
-            "whose support excludes the bad region"
-        )
+
+
+def _finite_float(curves: torch.Tensor) -> bool:
+    return curves.is_floating_point() and bool(torch.isfinite(curves).all())
 
 
 def _curves_at_start(name: str, expert: PhysicsExpert, grid: torch.Tensor) -> object:
+    """The expert's curves (K, T) at its current theta; a failing law is a ValueError
+    naming the modality."""
     try:
         with torch.no_grad():
             return expert.expected_curve(expert.theta, grid)
@@ -76,23 +97,33 @@ def _curves_at_start(name: str, expert: PhysicsExpert, grid: torch.Tensor) -> ob
         ) from exc
 
 
-def start_physics_expert(name: str, expert: PhysicsExpert, grid: torch.Tensor) -> None:
-    """Checks the bound ``expert``'s curves on ``grid`` at its start. A law not finite at the
-    default start (no user ``init``) starts instead at the nearest finite candidate of the
-    data-driven search (:func:`~pima_pyro.models.experts.finite_start`); a user's ``init``
-    is never replaced."""
+def start_physics_expert(
+    name: str, expert: PhysicsExpert, grid: torch.Tensor, mean_curve: torch.Tensor
+) -> None:
+    """Checks the bound ``expert``'s curves on ``grid`` at its start (type, shape, finite).
+    Where a float law is not finite there, sets ``expert``'s theta in place to
+    :func:`~pima_pyro.models.experts.data_start` (nearest the data's ``mean_curve``; the
+    entries the user gave kept). Raises ``TypeError``/``ValueError`` naming the modality
+    when the law fails, has the wrong shape, or no finite start exists."""
+    expected = (expert.n_clusters, grid.shape[0])
     curves = _curves_at_start(name, expert, grid)
-    user_init = bool(getattr(expert, "init", None))
-    finite = isinstance(curves, torch.Tensor) and bool(torch.isfinite(curves).all())
-    if not finite and not user_init and isinstance(curves, torch.Tensor):
+    _check_curve_shape(name, expert, curves, expected)
+    assert isinstance(curves, torch.Tensor)
+    searched = curves.is_floating_point() and not _finite_float(curves)
+    searched = searched and not bool(expert.user_start_mask.all())
+    if searched:
         try:
-            start = finite_start(expert, grid)
-        except Exception:  # a law that fails on a batch of candidates: the error below says so
-            start = None
+            start = data_start(expert, mean_curve, grid)
+        except Exception as exc:
+            raise ValueError(
+                f"modality '{name}': expert {type(expert).__name__} is not finite at its "
+                f"start and failed on a batch of start candidates (theta of shape (S, P)): "
+                f"{exc}"
+            ) from exc
         if start is not None:
             expert.set_theta(start.expand(expert.n_clusters, -1))
             curves = _curves_at_start(name, expert, grid)
-    check_expert_output(name, expert, curves, (expert.n_clusters, grid.shape[0]))
+    check_expert_output(name, expert, curves, expected, searched)
 
 
 class PIMA:
@@ -213,7 +244,9 @@ class PIMA:
         for name in module.physics_names:
             physics = module.modalities[name]
             physics.grid.copy_(data.grids[name])
-            start_physics_expert(name, physics.expert, physics.grid)
+            curves = data.values[name][data.masks[name]]
+            mean_curve = curves.mean(0) if len(curves) else torch.zeros_like(physics.grid)
+            start_physics_expert(name, physics.expert, physics.grid, mean_curve)
         return module
 
     def build(self, data: MultimodalData) -> PIMAModule:

@@ -372,34 +372,59 @@ def _peak_data(seed=0):
     return MultimodalData({"x": x, "y": y}, grids={"y": t}, labels=labels)
 
 
-def test_law_undefined_at_the_default_start_starts_at_the_nearest_finite_candidate():
-    """A width at 0 makes the peak 0/0 at the default start: the model starts instead at the
-    finite start candidate nearest the origin (brute force over the candidates) and the fit
-    recovers every peak; a user's init at a bad point (w = 0, m = 0 on the grid) is refused,
-    never replaced."""
-    data = _peak_data()
-    model = PIMA(
-        {
-            "x": GaussianModality(hidden=(16,)),
-            "y": PhysicsModality(
-                expert=Custom(_peak, {"a": (1,), "m": (1,), "w": (1,)}), hidden=(16,)
-            ),
-        },
-        n_clusters=3,
-        latent_dim=2,
-    )
-    expert = model.build(data).modalities["y"].expert
+def _peak_model(**init):
+    expert = Custom(_peak, {"a": (1,), "m": (1,), "w": (1,)}, init=init or None)
+    specs = {
+        "x": GaussianModality(hidden=(16,)),
+        "y": PhysicsModality(expert=expert, hidden=(16,)),
+    }
+    return PIMA(specs, n_clusters=3, latent_dim=2)
+
+
+def _nearest_finite_candidate(expert, mean_curve, t, given):
+    """Brute force: the start candidate (given entries overwritten) of least squared distance
+    to the mean curve among those with a finite curve."""
     candidates = start_candidates(expert, torch.float32)
-    t = data.grids["y"].float()
-    finite = torch.isfinite(expert.expected_curve(candidates, t)).all(-1)
-    norms = torch.where(finite, candidates.norm(dim=-1), torch.tensor(float("inf")))
-    torch.testing.assert_close(expert.theta.detach()[0], candidates[norms.argmin()])
+    candidates[:, given] = expert.theta.detach()[0, given]
+    curves = expert.expected_curve(candidates, t)
+    distance = ((curves - mean_curve) ** 2).sum(-1)
+    distance[~torch.isfinite(curves).all(-1)] = float("inf")
+    return candidates[distance.argmin()]
+
+
+def test_law_undefined_at_the_default_start_starts_at_the_candidate_nearest_the_data():
+    """A width at 0 makes the peak 0/0 at the default start: the model starts instead at the
+    finite start candidate whose curve is nearest the data's mean curve (brute force), keeping
+    the entries the user gave, and the fit recovers every peak. An init at a bad point in
+    every parameter is refused, never replaced; a law that fails on a batch of candidates is
+    a ValueError naming the modality."""
+    data = _peak_data()
+    t, mean_curve = data.grids["y"].float(), data.values["y"].mean(0)
+    model = _peak_model()
+    expert = model.build(data).modalities["y"].expert
+    start = expert.theta.detach()
+    torch.testing.assert_close(start[0], _nearest_finite_candidate(expert, mean_curve, t, []))
+    partial = _peak_model(a=[2.5]).build(data).modalities["y"].expert
+    assert float(partial.theta.detach()[0, 0]) == 2.5
+    torch.testing.assert_close(
+        partial.theta.detach()[0], _nearest_finite_candidate(partial, mean_curve, t, [0])
+    )
     model.fit(data, epochs=2, batch_size=40, seed=0, progress=False)
     theta = model.physics_parameters()["y"]["theta"]
     theta[:, 2] = np.abs(theta[:, 2])  # the peak is even in w
     got = theta[np.argsort(theta[:, 0])]
     truth = np.array([[1.0, 0.5, 0.3], [2.0, 1.0, 0.3], [3.0, 1.5, 0.3]])
     np.testing.assert_allclose(got, truth, rtol=0.05)
-    bad = Custom(_peak, {"a": (1,), "m": (1,), "w": (1,)}, init={"a": [1.0], "m": [0.0]})
     with pytest.raises(ValueError, match="modality 'y'.*non-finite"):
-        PIMA({"x": GaussianModality(), "y": PhysicsModality(expert=bad)}, n_clusters=3).build(data)
+        _peak_model(a=[1.0], m=[0.0], w=[0.0]).build(data)
+
+    def picky(t, a, w):
+        assert a.shape[0] <= 3, "only K rows"
+        return a / w * t
+
+    specs = {
+        "x": GaussianModality(),
+        "y": PhysicsModality(expert=Custom(picky, {"a": (1,), "w": (1,)})),
+    }
+    with pytest.raises(ValueError, match="modality 'y'.*batch of start candidates.*only K rows"):
+        PIMA(specs, n_clusters=3).build(data)

@@ -152,6 +152,12 @@ class PhysicsExpert(nn.Module):
     def num_params(self) -> int:
         return len(self.param_names)
 
+    @property
+    def user_start_mask(self) -> torch.Tensor:
+        """(P,) bool: the entries of theta whose start the user gave (none for built-in
+        experts); :func:`data_start` never changes them."""
+        return torch.zeros(self.num_params, dtype=torch.bool)
+
     def bind(self, n_clusters: int) -> PhysicsExpert:
         """Create the per-cluster parameters for ``n_clusters`` clusters."""
         self.n_clusters = n_clusters
@@ -458,20 +464,20 @@ def start_candidates(
     return transform(torch.cat(shrunk))
 
 
-def finite_start(expert: PhysicsExpert, t: torch.Tensor) -> torch.Tensor | None:
-    r"""The candidate of :func:`start_candidates` nearest the origin (in unconstrained
-    coordinates) whose curve on ``t`` is finite, (P,); ``None`` when none is. For laws
-    undefined at the default start (a width or a denominator at 0): the model needs a
-    finite start to build; the data-driven start then searches from the data."""
+def data_start(
+    expert: PhysicsExpert, mean_curve: torch.Tensor, t: torch.Tensor
+) -> torch.Tensor | None:
+    r"""The start (P,) for a law not finite at the default start (a width or a denominator
+    at 0): of :func:`start_candidates`, with the entries the user gave
+    (:attr:`PhysicsExpert.user_start_mask`) held at the current theta, the one whose curve on
+    ``t`` is nearest ``mean_curve`` (T,) (:func:`best_candidates`); ``None`` when no
+    candidate's curve is finite. In ``t``'s dtype and device."""
     with torch.no_grad():
         candidates = start_candidates(expert, t.dtype, t.device)
-        finite = torch.isfinite(expert.expected_curve(candidates, t)).all(-1)
-        if not bool(finite.any()):
-            return None
-        distance = expert.theta_transform.inv(candidates).norm(dim=-1)
-        usable = finite & torch.isfinite(distance)
-        distance = torch.where(usable, distance, torch.full_like(distance, float("inf")))
-        return candidates[distance.argmin()]
+        given = expert.user_start_mask.to(t.device)
+        candidates = torch.where(given, expert.theta.detach()[0].to(candidates), candidates)
+        best = best_candidates(expert, mean_curve[None].to(t), t, candidates)
+        return best[0] if bool(torch.isfinite(expert.expected_curve(best, t)).all()) else None
 
 
 def best_candidates(
@@ -588,8 +594,9 @@ class Custom(PhysicsExpert):
             coordinates, so the parameter never leaves its support. Supports must be
             elementwise (real, positive, an interval, ...).
         init: optional ``name -> tensor`` start (default: the image of 0 under the support's
-            bijection: 0 for real, 1 for positive parameters; where the law is not finite
-            there, the model starts at :func:`finite_start`).
+            bijection: 0 for real, 1 for positive parameters). Where the law is not finite
+            at the start, ``PIMA.build``/``fit`` start the parameters not in ``init`` at
+            :func:`data_start`.
     """
 
     def __init__(
@@ -662,6 +669,11 @@ class Custom(PhysicsExpert):
         if self.init:
             self.set_theta(self.default_theta().expand(n_clusters, -1))
         return self
+
+    @property
+    def user_start_mask(self) -> torch.Tensor:
+        """(P,) bool: the entries of the parameters named in ``init``."""
+        return torch.cat([torch.full((self.sizes[n],), n in self.init) for n in self.param_shapes])
 
     def default_theta(self) -> torch.Tensor:
         """The start before any data (P,): ``init`` where given, else the image of 0 under the
