@@ -7,6 +7,7 @@ Usage::
         [--scenario power peak expdecay k_unknown hidden pixel]
         [--fit-seed-offset N]   # training seed = data seed + N: the spread training alone causes
         [--self-training-ramp F]   # fit(self_training_ramp=F); 0: full weight from epoch 0
+        [--hidden-fraction H]   # hidden: the fraction of training curves hidden (0.5)
 
 Each scenario builds a data set from scikit-learn's digits (labels = clusters) with a physics law,
 fits PIMA with the digits demo's settings (200 epochs, batch 128, lr 5e-3, latent 4, 1 thread)
@@ -21,8 +22,8 @@ and prints one row per seed; the LAST line is one JSON object with every figure.
 * ``k_unknown``: five digits with sizes 1:2:4:8:16 and lines of slope 2 * digit, fitted with
   K = 5 and K = 7 (default settings: pruning on), and K = 7 with ``prune_clusters=False``;
   surplus weight (the K - 5 smallest weights), active clusters and image-only accuracy.
-* ``hidden``: the ``expdecay`` set with half the training curves hidden, against the fit on the
-  paired half only (unpaired images discarded); image-only test accuracy.
+* ``hidden``: the ``expdecay`` set with half the training curves hidden (``--hidden-fraction``),
+  against the fit on the paired rows only (unpaired images discarded); image-only test accuracy.
 * ``pixel``: the digits demo; pooled coverage of observed test pixels by the 5-95% range of
   replicated pixels, per-pixel coverage, image-only accuracy.
 """
@@ -56,8 +57,9 @@ RATES = np.linspace(0.3, 3.0, 10)
 
 IMAGE_LIKELIHOOD: dict = {"name": "gaussian", "scale": 0.5}
 #: Added to the data seed to give the training seed (``--fit-seed-offset``): the same data
-#: sets fitted again, for the spread that training alone causes.
-TRAINING: dict = {"seed_offset": 0}
+#: sets fitted again, for the spread that training alone causes; and the fraction of training
+#: curves the ``hidden`` scenario hides (``--hidden-fraction``).
+TRAINING: dict = {"seed_offset": 0, "hidden_fraction": 0.5}
 
 
 def DIGITS_IMAGE():  # noqa: N802 (a spec factory, swapped in one place)
@@ -194,7 +196,8 @@ def scenario_k_unknown(seed: int) -> dict[str, float]:
 def scenario_hidden(seed: int) -> dict[str, float]:
     train, test = _expdecay_data(seed).train_test_split(0.3, seed=seed)
     rng = np.random.default_rng(seed + 7)
-    train.masks["curve"] = torch.as_tensor(rng.random(train.n_samples) >= 0.5)
+    hidden = rng.random(train.n_samples) < TRAINING["hidden_fraction"]
+    train.masks["curve"] = torch.as_tensor(~hidden)
     paired = train.subset(np.flatnonzero(train.masks["curve"].numpy()))
     with_unpaired = _fit(_expdecay_specs(), train, 10, seed)
     discarded = _fit(_expdecay_specs(), paired, 10, seed)
@@ -245,7 +248,11 @@ def main() -> None:
     parser.add_argument(
         "--self-training-ramp", type=float, default=0.5, help="fit(self_training_ramp=...)"
     )
+    parser.add_argument(
+        "--hidden-fraction", type=float, default=0.5, help="hidden: fraction of curves hidden"
+    )
     args = parser.parse_args()
+    TRAINING["hidden_fraction"] = args.hidden_fraction
     FIT["self_training_ramp"] = args.self_training_ramp
     IMAGE_LIKELIHOOD.update(name=args.image, scale=args.image_scale)
     TRAINING["seed_offset"] = args.fit_seed_offset
@@ -259,7 +266,7 @@ def main() -> None:
             row["seconds"] = round(time.perf_counter() - start, 1)
             print(name, seed, json.dumps(row), flush=True)
             results[name].append(row)
-    print(json.dumps({"fit_seed_offset": args.fit_seed_offset, **results}))
+    print(json.dumps({"fit_seed_offset": args.fit_seed_offset, **TRAINING, **results}))
 
 
 if __name__ == "__main__":
