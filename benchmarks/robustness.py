@@ -16,7 +16,7 @@ and prints one row per seed; the LAST line is one JSON object with every figure.
 * ``power``: ``Custom(a * t**p)`` with the default start (no ``init``), ten clusters; figure:
   the largest relative error of a or p over the matched clusters.
 * ``peak``: ``Custom(a * exp(-(t - m)**2 / (2 w**2)))``, not finite at the default start
-  (w = 0), no ``init``; the largest relative error of a, m or |w|.
+  (0/0 at t = m = 0, on the grid), no ``init``; the largest relative error of a, m or |w|.
 * ``expdecay``: ten ``ExponentialDecay`` clusters with rates 0.3..3.0; joint and image-only
   accuracy (test split).
 * ``k_unknown``: five digits with sizes 1:2:4:8:16 and lines of slope 2 * digit, fitted with
@@ -133,8 +133,8 @@ def peak_law_theta(theta: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def scenario_peak(seed: int) -> dict[str, float]:
-    """A law not finite at the default start (w = 0: 0/0), no ``init``; the peak is even
-    in w, so errors compare |w|."""
+    """A law not finite at the default start (w = 0: 0/0 at t = m = 0, which the grid holds),
+    no ``init``; the peak is even in w, so errors compare |w|."""
     truth = {d: [1.0 + 0.2 * d, 0.2 + 0.17 * d, 0.3] for d in range(10)}
     data = digits_physics(peak_law_theta, truth, np.linspace(0, 2, 20), 0.1, seed=seed)
     train, test = data.train_test_split(0.3, seed=seed)
@@ -252,6 +252,10 @@ def main() -> None:
         "--hidden-fraction", type=float, default=0.5, help="hidden: fraction of curves hidden"
     )
     args = parser.parse_args()
+    if not 0.0 < args.hidden_fraction < 1.0:
+        parser.error("--hidden-fraction must lie strictly between 0 and 1")
+    if args.hidden_fraction != 0.5 and "hidden" not in args.scenario:
+        parser.error("--hidden-fraction applies to --scenario hidden only")
     TRAINING["hidden_fraction"] = args.hidden_fraction
     FIT["self_training_ramp"] = args.self_training_ramp
     IMAGE_LIKELIHOOD.update(name=args.image, scale=args.image_scale)
@@ -266,7 +270,8 @@ def main() -> None:
             row["seconds"] = round(time.perf_counter() - start, 1)
             print(name, seed, json.dumps(row), flush=True)
             results[name].append(row)
-    print(json.dumps({"fit_seed_offset": args.fit_seed_offset, **TRAINING, **results}))
+    settings = {"fit_seed_offset": args.fit_seed_offset, "hidden_fraction": args.hidden_fraction}
+    print(json.dumps({**settings, **results}))
 
 
 if __name__ == "__main__":

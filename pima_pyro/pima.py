@@ -43,30 +43,6 @@ def _package_version() -> str:
     return __version__
 
 
-def check_expert_output(
-    name: str,
-    expert: PhysicsExpert,
-    curves: object,
-    expected: tuple[int, int],
-    searched: bool = False,
-) -> None:
-    """The expert's curves at its start, checked once before training: a tensor of
-    ``expected`` shape (clusters, grid points), finite. ``searched``: :func:`data_start` found
-    no finite start either (said in the message)."""
-    _check_curve_shape(name, expert, curves, expected)
-    assert isinstance(curves, torch.Tensor)
-    if not _finite_float(curves):
-        where = (
-            " and at every start candidate tried (the parameters without init)" if searched else ""
-        )
-        raise ValueError(
-            f"modality '{name}': expert {type(expert).__name__} returns non-finite or "
-            f"non-float values at its start theta {expert.theta[0].tolist()}{where}; give a "
-            "start where the law is defined (Custom(init=...)) or a prior whose support "
-            "excludes the bad region"
-        )
-
-
 def _check_curve_shape(
     name: str, expert: PhysicsExpert, curves: object, expected: tuple[int, int]
 ) -> None:
@@ -82,6 +58,18 @@ def _check_curve_shape(
 
 def _finite_float(curves: torch.Tensor) -> bool:
     return curves.is_floating_point() and bool(torch.isfinite(curves).all())
+
+
+def _non_finite_start(name: str, expert: PhysicsExpert, searched: bool) -> ValueError:
+    where = ""
+    if searched:
+        held = " (the parameters in init held)" if bool(expert.user_start_mask.any()) else ""
+        where = f" and at every start candidate tried{held}"
+    return ValueError(
+        f"modality '{name}': expert {type(expert).__name__} returns non-finite or non-float "
+        f"values at its start theta {expert.theta[0].tolist()}{where}; give a start where the "
+        "law is defined (Custom(init=...)) or a prior whose support excludes the bad region"
+    )
 
 
 def _curves_at_start(name: str, expert: PhysicsExpert, grid: torch.Tensor) -> object:
@@ -100,30 +88,33 @@ def _curves_at_start(name: str, expert: PhysicsExpert, grid: torch.Tensor) -> ob
 def start_physics_expert(
     name: str, expert: PhysicsExpert, grid: torch.Tensor, mean_curve: torch.Tensor
 ) -> None:
-    """Checks the bound ``expert``'s curves on ``grid`` at its start (type, shape, finite).
-    Where a float law is not finite there, sets ``expert``'s theta in place to
-    :func:`~pima_pyro.models.experts.data_start` (nearest the data's ``mean_curve``; the
-    entries the user gave kept). Raises ``TypeError``/``ValueError`` naming the modality
-    when the law fails, has the wrong shape, or no finite start exists."""
-    expected = (expert.n_clusters, grid.shape[0])
+    """Checks the bound ``expert``'s curves on ``grid`` at its start (type, shape, finite),
+    once before training. Where a float law is not finite there, sets ``expert``'s theta in
+    place to :func:`~pima_pyro.models.experts.data_start` (nearest the data's ``mean_curve``,
+    the zero curve when no curve is observed; the entries the user gave kept). Raises
+    ``TypeError``/``ValueError`` naming the modality when the law fails, has the wrong shape,
+    or no finite start exists."""
     curves = _curves_at_start(name, expert, grid)
-    _check_curve_shape(name, expert, curves, expected)
+    _check_curve_shape(name, expert, curves, (expert.n_clusters, grid.shape[0]))
     assert isinstance(curves, torch.Tensor)
-    searched = curves.is_floating_point() and not _finite_float(curves)
-    searched = searched and not bool(expert.user_start_mask.all())
-    if searched:
-        try:
-            start = data_start(expert, mean_curve, grid)
-        except Exception as exc:
-            raise ValueError(
-                f"modality '{name}': expert {type(expert).__name__} is not finite at its "
-                f"start and failed on a batch of start candidates (theta of shape (S, P)): "
-                f"{exc}"
-            ) from exc
-        if start is not None:
-            expert.set_theta(start.expand(expert.n_clusters, -1))
-            curves = _curves_at_start(name, expert, grid)
-    check_expert_output(name, expert, curves, expected, searched)
+    if _finite_float(curves):
+        return
+    # integers are not a start problem, and a start the user gave in full is theirs to mend
+    if not curves.is_floating_point() or bool(expert.user_start_mask.all()):
+        raise _non_finite_start(name, expert, searched=False)
+    try:
+        start = data_start(expert, mean_curve, grid)
+    except Exception as exc:
+        raise ValueError(
+            f"modality '{name}': expert {type(expert).__name__} is not finite at its start "
+            f"and failed on a batch of start candidates (theta of shape (S, P)): {exc}"
+        ) from exc
+    if start is None:
+        raise _non_finite_start(name, expert, searched=True)
+    expert.set_theta(start.expand(expert.n_clusters, -1))
+    curves = _curves_at_start(name, expert, grid)  # set_theta's round trip through the support
+    if not (isinstance(curves, torch.Tensor) and _finite_float(curves)):
+        raise _non_finite_start(name, expert, searched=True)
 
 
 class PIMA:

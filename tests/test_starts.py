@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from pima_pyro import PIMA, Custom, GaussianModality, LinearThroughOrigin, PhysicsModality
+from pima_pyro import (
+    PIMA,
+    Custom,
+    GaussianModality,
+    LinearThroughOrigin,
+    MultimodalData,
+    PhysicsModality,
+)
 from pima_pyro.datasets import digits_physics
 from pima_pyro.inference.initialization import (
     _EMData,
@@ -148,8 +155,6 @@ def _line_data(n_per=40, seed=0):
     x = rng.normal(size=(labels.size, 3)) + 3.0 * labels[:, None]
     t = np.linspace(0, 1, 10)
     y = (4.0 * labels)[:, None] * t + 0.2 * rng.normal(size=(labels.size, 10))
-    from pima_pyro import MultimodalData
-
     return MultimodalData({"x": x, "y": y}, grids={"y": t}, labels=labels)
 
 
@@ -367,8 +372,6 @@ def _peak_data(seed=0):
     y = a[:, None] * np.exp(-((t - m[:, None]) ** 2) / (2 * 0.3**2))
     y = y + 0.05 * rng.normal(size=y.shape)
     x = rng.normal(size=(labels.size, 3)) + 3.0 * labels[:, None]
-    from pima_pyro import MultimodalData
-
     return MultimodalData({"x": x, "y": y}, grids={"y": t}, labels=labels)
 
 
@@ -381,15 +384,22 @@ def _peak_model(**init):
     return PIMA(specs, n_clusters=3, latent_dim=2)
 
 
-def _nearest_finite_candidate(expert, mean_curve, t, given):
-    """Brute force: the start candidate (given entries overwritten) of least squared distance
-    to the mean curve among those with a finite curve."""
+def _nearest_finite_candidate(mean_curve, t, **init):
+    """Brute force on a freshly bound expert (the candidates the build saw): the start
+    candidate, with the given entries overwritten, of least squared distance to the mean curve
+    among those with a finite curve."""
+    expert = Custom(_peak, {"a": (1,), "m": (1,), "w": (1,)}, init=init or None).bind(3)
     candidates = start_candidates(expert, torch.float32)
+    given = [i for i, name in enumerate("amw") if name in init]
     candidates[:, given] = expert.theta.detach()[0, given]
     curves = expert.expected_curve(candidates, t)
     distance = ((curves - mean_curve) ** 2).sum(-1)
     distance[~torch.isfinite(curves).all(-1)] = float("inf")
     return candidates[distance.argmin()]
+
+
+def _ratio(t, a, w):
+    return a * t / w
 
 
 def test_law_undefined_at_the_default_start_starts_at_the_candidate_nearest_the_data():
@@ -403,11 +413,11 @@ def test_law_undefined_at_the_default_start_starts_at_the_candidate_nearest_the_
     model = _peak_model()
     expert = model.build(data).modalities["y"].expert
     start = expert.theta.detach()
-    torch.testing.assert_close(start[0], _nearest_finite_candidate(expert, mean_curve, t, []))
+    torch.testing.assert_close(start[0], _nearest_finite_candidate(mean_curve, t))
     partial = _peak_model(a=[2.5]).build(data).modalities["y"].expert
     assert float(partial.theta.detach()[0, 0]) == 2.5
     torch.testing.assert_close(
-        partial.theta.detach()[0], _nearest_finite_candidate(partial, mean_curve, t, [0])
+        partial.theta.detach()[0], _nearest_finite_candidate(mean_curve, t, a=[2.5])
     )
     model.fit(data, epochs=2, batch_size=40, seed=0, progress=False)
     theta = model.physics_parameters()["y"]["theta"]
@@ -415,8 +425,13 @@ def test_law_undefined_at_the_default_start_starts_at_the_candidate_nearest_the_
     got = theta[np.argsort(theta[:, 0])]
     truth = np.array([[1.0, 0.5, 0.3], [2.0, 1.0, 0.3], [3.0, 1.5, 0.3]])
     np.testing.assert_allclose(got, truth, rtol=0.05)
-    with pytest.raises(ValueError, match="modality 'y'.*non-finite"):
+    with pytest.raises(ValueError, match="modality 'y'.*non-finite") as refused:
         _peak_model(a=[1.0], m=[0.0], w=[0.0]).build(data)
+    assert "candidate" not in str(refused.value)  # a start given in full is not searched
+    held = Custom(_ratio, {"a": (1,), "w": (1,)}, init={"w": [0.0]})  # a t / 0 for every a
+    specs = {"x": GaussianModality(), "y": PhysicsModality(expert=held)}
+    with pytest.raises(ValueError, match=r"every start candidate tried \(the parameters in init"):
+        PIMA(specs, n_clusters=3).build(data)
 
     def picky(t, a, w):
         assert a.shape[0] <= 3, "only K rows"

@@ -353,6 +353,18 @@ CASES = [
         "returns non-finite or non-float values",
     ),
     (
+        "Custom init naming an unknown parameter",
+        lambda m: Custom(lambda t, a: a * t, {"a": (1,)}, init={"A": [1.0]}),
+        ValueError,
+        r"init names unknown parameters \['A'\]; the parameters are \['a'\]",
+    ),
+    (
+        "Custom init of the wrong shape",
+        lambda m: Custom(lambda t, a: a * t, {"a": (1,)}, init={"a": [1.0, 2.0]}),
+        ValueError,
+        r"init\['a'\] has shape \(2,\); parameter 'a' has shape \(1,\)",
+    ),
+    (
         "Custom with a zero-sized parameter",
         lambda m: Custom(lambda t, a: t, {"a": (0,)}),
         ValueError,

@@ -470,30 +470,38 @@ def data_start(
     r"""The start (P,) for a law not finite at the default start (a width or a denominator
     at 0): of :func:`start_candidates`, with the entries the user gave
     (:attr:`PhysicsExpert.user_start_mask`) held at the current theta, the one whose curve on
-    ``t`` is nearest ``mean_curve`` (T,) (:func:`best_candidates`); ``None`` when no
+    ``t`` is nearest ``mean_curve`` (T,) (:func:`candidate_errors`); ``None`` when no
     candidate's curve is finite. In ``t``'s dtype and device."""
     with torch.no_grad():
         candidates = start_candidates(expert, t.dtype, t.device)
         given = expert.user_start_mask.to(t.device)
         candidates = torch.where(given, expert.theta.detach()[0].to(candidates), candidates)
-        best = best_candidates(expert, mean_curve[None].to(t), t, candidates)
-        return best[0] if bool(torch.isfinite(expert.expected_curve(best, t)).all()) else None
+        error = candidate_errors(expert, mean_curve[None].to(t), t, candidates)[0]
+        return candidates[error.argmin()] if bool(torch.isfinite(error).any()) else None
+
+
+def candidate_errors(
+    expert: PhysicsExpert, curves: torch.Tensor, t: torch.Tensor, candidates: torch.Tensor
+) -> torch.Tensor:
+    r""":math:`\lVert y_n - f(t; \theta_s)\rVert^2 - \lVert y_n \rVert^2` (N, S) for curves
+    (N, T) and candidates (S, P); ``inf`` where a candidate's curve is not finite. One matrix
+    product, so S in the thousands is cheap."""
+    with torch.no_grad():
+        fitted = expert.expected_curve(candidates, t.to(candidates))  # (S, T)
+        fitted = fitted.to(curves)
+        finite = torch.isfinite(fitted).all(-1)
+        fitted = torch.where(finite[:, None], fitted, torch.zeros_like(fitted))
+        sq_error = (fitted**2).sum(-1)[None] - 2 * curves @ fitted.T
+        return torch.where(finite[None], sq_error, torch.full_like(sq_error, float("inf")))
 
 
 def best_candidates(
     expert: PhysicsExpert, curves: torch.Tensor, t: torch.Tensor, candidates: torch.Tensor
 ) -> torch.Tensor:
     r"""For each curve (N, T) the candidate (S, P) of least squared error
-    :math:`\lVert y_n - f(t; \theta_s)\rVert^2`, (N, P); candidates whose curve is not finite
-    are skipped. The (N, S) errors come from one matrix product, so S in the thousands is cheap."""
-    with torch.no_grad():
-        fitted = expert.expected_curve(candidates, t.to(candidates))  # (S, T)
-        fitted = fitted.to(curves)
-        finite = torch.isfinite(fitted).all(-1)
-        fitted = torch.where(finite[:, None], fitted, torch.zeros_like(fitted))
-        sq_error = (fitted**2).sum(-1)[None] - 2 * curves @ fitted.T  # (N, S), up to |y|^2
-        sq_error = torch.where(finite[None], sq_error, torch.full_like(sq_error, float("inf")))
-        return candidates.to(curves)[sq_error.argmin(-1)]
+    :math:`\lVert y_n - f(t; \theta_s)\rVert^2`, (N, P) (:func:`candidate_errors`);
+    candidates whose curve is not finite are skipped."""
+    return candidates.to(curves)[candidate_errors(expert, curves, t, candidates).argmin(-1)]
 
 
 class ExponentialDecay(PhysicsExpert):
@@ -638,7 +646,7 @@ class Custom(PhysicsExpert):
                     f"{self.param_shapes[name]} (use .to_event() for the event dims)"
                 )
             _elementwise_support(name, prior)
-        self.init = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in (init or {}).items()}
+        self.init = _checked_init(init or {}, self.param_shapes)
         super().__init__()
 
     def unpack(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -684,6 +692,29 @@ class Custom(PhysicsExpert):
         return torch.cat(
             [self.init.get(name, defaults[name]).reshape(-1) for name in self.param_shapes]
         )
+
+
+def _checked_init(
+    init: Mapping[str, object], param_shapes: Mapping[str, tuple[int, ...]]
+) -> dict[str, torch.Tensor]:
+    """``init`` as float32 tensors, each naming a parameter and of its shape (a scalar may be
+    given as a number)."""
+    unknown = sorted(set(init) - set(param_shapes))
+    if unknown:
+        raise ValueError(
+            f"Custom: init names unknown parameters {unknown}; the parameters are "
+            f"{list(param_shapes)}"
+        )
+    out = {}
+    for name, value in init.items():
+        tensor = torch.as_tensor(value, dtype=torch.float32)
+        if tensor.numel() != math.prod(param_shapes[name]):
+            raise ValueError(
+                f"Custom: init['{name}'] has shape {tuple(tensor.shape)}; parameter '{name}' "
+                f"has shape {param_shapes[name]}"
+            )
+        out[name] = tensor.reshape(param_shapes[name])
+    return out
 
 
 def _elementwise_support(name: str, prior: dist.Distribution) -> constraints.Constraint:
