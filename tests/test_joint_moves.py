@@ -121,3 +121,31 @@ def test_the_latent_mixture_is_placed_on_samples_with_a_curve_only(fitted):
             torch.testing.assert_close(net.mixture.loc[c], expected.to(net.mixture.loc))
     finally:
         net.load_state_dict(state)
+
+
+def test_clusters_without_samples_are_parked_on_the_heaviest_and_leave_the_scale_alone():
+    """An inactive cluster left where EM dropped it (t0 = 34 for a law over [0, 1]) and an
+    empty active one with a non-finite estimate take the heaviest usable cluster's theta and
+    noise; the experts' optimisation scale is then the active clusters' own (before: 34 for
+    every cluster, which made the first full-phase steps collapse a K = 6 logistic fit)."""
+    net = PIMA(_toy_specs(), n_clusters=4).build(_toy())
+    theta = torch.tensor([[1.0], [3.0], [34.0], [float("inf")]], dtype=torch.float64)
+    noise = torch.tensor([0.3, 0.2, 1e-3, 0.5], dtype=torch.float64)
+    active = torch.tensor([True, True, False, True])
+    weights = torch.tensor([0.3, 0.7, 0.0, 0.0], dtype=torch.float64)
+    em = em_from_responsibilities(
+        torch.eye(4)[torch.arange(40) % 2].double(),
+        em_problem(
+            {"y": torch.zeros(40, 10)},
+            {"y": torch.ones(40, dtype=torch.bool)},
+            {"y": net.modalities["y"].expert},
+            {"y": net.modalities["y"].grid},
+        ),
+        active,
+    )
+    em.theta["y"], em.noise_scale["y"], em.weights, em.active = theta, noise, weights, active
+    set_physics_from_em(net, em)
+    expert = net.modalities["y"].expert
+    torch.testing.assert_close(expert.theta.detach().ravel(), torch.tensor([1.0, 3.0, 3.0, 3.0]))
+    torch.testing.assert_close(expert.noise_scale.detach(), torch.tensor([0.3, 0.2, 0.2, 0.2]))
+    torch.testing.assert_close(expert.theta_scale, torch.tensor([3.0]))

@@ -198,14 +198,38 @@ def initialize_from_physics(
 
 @torch.no_grad()
 def set_physics_from_em(net: PIMAModule, em: EMResult) -> None:
-    """Experts' theta and noise, the active clusters and the mixture weights from ``em``."""
+    """Experts' theta and noise, the active clusters and the mixture weights from ``em``;
+    clusters that hold no sample take the heaviest one's theta and noise
+    (:func:`parked_clusters`)."""
     dtype = net.mixture.loc.dtype
     for p in net.physics_names:
         expert = net.modalities[p].expert
-        expert.set_theta(em.theta[p].to(dtype))
-        expert.set_noise_scale(em.noise_scale[p].to(dtype))
+        theta, noise = em.theta[p].to(dtype), em.noise_scale[p].to(dtype)
+        in_support = expert.support.check(theta).reshape(theta.shape[0], -1).all(-1)
+        usable = em.active & in_support.to(em.active.device)
+        theta, noise = parked_clusters(theta, noise, usable, em.weights)
+        expert.set_theta(theta)
+        expert.set_noise_scale(noise)
     net.mixture.active.copy_(em.active)
     net.mixture.logits.copy_(log_weights_of(em.weights, em.active).to(dtype))
+
+
+def parked_clusters(
+    theta: torch.Tensor, noise: torch.Tensor, usable: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``theta`` (K, P) and ``noise`` (K,) with every cluster that is not ``usable`` (K,)
+    (the caller's: active and inside the prior's support), or whose estimate is not finite
+    (an empty cluster's M-step), set to the heaviest usable cluster's.
+    Why: a cluster with weight 0 takes no sample, but its parameters still set the experts'
+    per-parameter optimisation scale (the largest magnitude over clusters) and enter every
+    enumerated likelihood: left where EM dropped them (a logistic's t0 at 34 on a grid over
+    [0, 1]) they multiplied the active clusters' effective step and overflowed the law."""
+    usable = usable & torch.isfinite(theta).all(-1) & torch.isfinite(noise)
+    if bool(usable.all()) or not bool(usable.any()):
+        return theta, noise
+    heaviest = torch.where(usable, weights, torch.full_like(weights, -1.0)).argmax()
+    theta = torch.where(usable[:, None], theta, theta[heaviest])
+    return theta, torch.where(usable, noise, noise[heaviest])
 
 
 def _data_summaries(net: PIMAModule, full: Batch) -> np.ndarray | None:
