@@ -4,6 +4,7 @@ The table below is mirrored in docs/validation.md.
 """
 
 import numpy as np
+import pyro.distributions
 import pytest
 import torch
 
@@ -363,6 +364,23 @@ CASES = [
         lambda m: Custom(lambda t, a: a * t, {"a": (1,)}, init={"a": [1.0, 2.0]}),
         ValueError,
         r"init\['a'\] has shape \(2,\); parameter 'a' has shape \(1,\)",
+    ),
+    (
+        "Custom param_shapes with a bare number",
+        lambda m: Custom(lambda t, a: a * t, {"a": 1}),
+        TypeError,
+        r"param_shapes\['a'\] must be a tuple of ints such as \(1,\)",
+    ),
+    (
+        "Custom init outside its prior's support",
+        lambda m: Custom(
+            lambda t, a: a * t,
+            {"a": (1,)},
+            priors={"a": pyro.distributions.LogNormal(0.0, 1.0).expand([1]).to_event(1)},
+            init={"a": [-1.0]},
+        ).bind(2),
+        ValueError,
+        r"init\['a'\] = \[-1.0\] lies outside the support of its prior \(GreaterThan",
     ),
     (
         "Custom with a zero-sized parameter",

@@ -23,6 +23,7 @@ per-cluster noise scales :math:`s \in \mathbb R_{>0}^K`. Experts that are *linea
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from functools import partial
 
@@ -619,7 +620,7 @@ class Custom(PhysicsExpert):
         if not param_shapes:
             raise ValueError("Custom: param_shapes must name at least one parameter")
         self.fn = fn
-        self.param_shapes = {k: tuple(v) for k, v in param_shapes.items()}
+        self.param_shapes = {k: _checked_shape(k, v) for k, v in param_shapes.items()}
         empty = [k for k, v in self.param_shapes.items() if math.prod(v) == 0]
         if empty:
             raise ValueError(f"Custom: parameters {empty} have zero size; every shape needs >= 1")
@@ -675,7 +676,15 @@ class Custom(PhysicsExpert):
     def bind(self, n_clusters: int) -> Custom:
         super().bind(n_clusters)
         if self.init:
-            self.set_theta(self.default_theta().expand(n_clusters, -1))
+            start = self.default_theta()
+            for name, value in self.unpack(start).items():
+                part = _ConcatenatedPrior(self)._part(name) if self.priors else None
+                if part is not None and not bool(part.support.check(value).all()):
+                    raise ValueError(
+                        f"Custom: init['{name}'] = {value.tolist()} lies outside the support "
+                        f"of its prior ({_elementwise_support(name, part)})"
+                    )
+            self.set_theta(start.expand(n_clusters, -1))
         return self
 
     @property
@@ -692,6 +701,18 @@ class Custom(PhysicsExpert):
         return torch.cat(
             [self.init.get(name, defaults[name]).reshape(-1) for name in self.param_shapes]
         )
+
+
+def _checked_shape(name: str, shape: object) -> tuple[int, ...]:
+    """A parameter's shape as a tuple of ints; a bare number is refused by name."""
+    if not isinstance(shape, tuple | list) or not all(
+        isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in shape
+    ):
+        raise TypeError(
+            f"Custom: param_shapes['{name}'] must be a tuple of ints such as (1,) for a "
+            f"scalar, got {shape!r}"
+        )
+    return tuple(int(n) for n in shape)
 
 
 def _checked_init(
